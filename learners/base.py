@@ -1,0 +1,192 @@
+"""The learner contract every prompt-learning method implements.
+
+A learner is an ``nn.Module`` holding only its learnable prompt state (and non-persistent buffers
+derived from class names). The frozen :class:`~learners.backbone.ClipBackbone` is referenced, not
+registered, so ``state_dict()``, ``parameters()``, ``deepcopy`` and federated payloads never
+contain CLIP's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbone import ClipBackbone
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    """The classes a learner scores, as plain data.
+
+    Attributes:
+        classnames: one name per label, index == label, with spaces (no underscores).
+        template: the dataset's hand-crafted prompt template, e.g. ``"a photo of a {}."``.
+        dataset: CoOp config name of the dataset (``eurosat``...), for methods with per-dataset
+            tables (TCP's templates, CoPrompt's overrides); None when unknown.
+        descriptions: class name -> description sentences (CoPrompt), or None.
+    """
+
+    classnames: tuple[str, ...]
+    template: str = "a photo of a {}."
+    dataset: str | None = None
+    descriptions: Mapping[str, Sequence[str]] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.classnames:
+            raise ValueError("a class set needs at least one class name")
+        if "{}" not in self.template:
+            raise ValueError(f"template {self.template!r} has no '{{}}' placeholder for the class name")
+        object.__setattr__(self, "classnames", tuple(n.replace("_", " ") for n in self.classnames))
+
+    def prompts(self, template: str | None = None) -> list[str]:
+        """The hand-crafted prompt of every class."""
+        return [(template or self.template).format(name) for name in self.classnames]
+
+    def __len__(self) -> int:
+        return len(self.classnames)
+
+
+class PromptLearner(nn.Module):
+    """Base class of every method.
+
+    Subclasses implement :meth:`_build_class_buffers` (called by :meth:`set_classnames`) and
+    :meth:`forward`; methods with extra loss terms override :meth:`loss_terms`.
+
+    Attributes:
+        method_name: registry name, set by ``register_method``.
+        config_class: the method's config dataclass, set by ``register_method``.
+        local_state_prefixes: state-dict key prefixes that stay on a federated client
+            (personalized state); every other learnable key is global.
+    """
+
+    method_name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    local_state_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, backbone: ClipBackbone, config: Any) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
+        # Stored outside nn.Module's registries on purpose: see the module docstring.
+        object.__setattr__(self, "backbone", backbone)
+        self.config = config
+        self.classes: ClassSet | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Contract
+
+    def set_classnames(self, classes: ClassSet) -> None:
+        """Rebuild every class-dependent buffer for ``classes``; learnable state is untouched."""
+        if not isinstance(classes, ClassSet):
+            raise TypeError(f"set_classnames expects a ClassSet, got {type(classes).__name__}")
+        if self.classes == classes:
+            return
+        self.classes = classes
+        self._build_class_buffers(classes)
+
+    def _build_class_buffers(self, classes: ClassSet) -> None:
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``(B, K)`` over the current class set."""
+        raise NotImplementedError
+
+    def loss_terms(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Training forward: logits ``(B, K)`` and the weighted loss terms, cross-entropy first.
+
+        The training loss is the sum of the terms; results and logs report each one.
+        """
+        logits = self(images)
+        return logits, {"ce": F.cross_entropy(logits, labels)}
+
+    def on_epoch_end(self, epoch: int, num_epochs: int) -> None:
+        """Hook called by the training loop after every epoch (prompt aggregation, schedules)."""
+
+    # ------------------------------------------------------------------------------------------
+    # Learnable state
+
+    def require_classes(self) -> ClassSet:
+        if self.classes is None:
+            raise RuntimeError(f"{type(self).__name__}: call set_classnames(...) before forward")
+        return self.classes
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def learnable_state_dict(self) -> dict[str, Tensor]:
+        """The state a checkpoint holds: every persistent parameter and buffer of the learner."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    def split_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Learnable state split into (global, local) parts for federated rounds."""
+        state = self.learnable_state_dict()
+        local = {k: v for k, v in state.items() if k.startswith(self.local_state_prefixes)}
+        shared = {k: v for k, v in state.items() if k not in local}
+        return shared, local
+
+    def load_learnable_state_dict(self, state: Mapping[str, Tensor], strict: bool = True) -> None:
+        """Load learnable state; with ``strict`` any missing, unexpected or mis-shaped key raises."""
+        own = self.state_dict()
+        if strict:
+            missing = sorted(set(own) - set(state))
+            unexpected = sorted(set(state) - set(own))
+            shapes = sorted(
+                f"{k}: checkpoint {tuple(state[k].shape)} vs learner {tuple(own[k].shape)}"
+                for k in set(own) & set(state)
+                if tuple(own[k].shape) != tuple(state[k].shape)
+            )
+            if missing or unexpected or shapes:
+                raise ValueError(
+                    f"learnable state does not match {self.method_name or type(self).__name__}: "
+                    f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {shapes}. "
+                    "The checkpoint was saved by another method, backbone, context length or class set"
+                )
+        self.load_state_dict(dict(state), strict=strict)
+
+    def __deepcopy__(self, memo: dict) -> "PromptLearner":
+        # Copy the learner, share the frozen backbone (LwF and GPA deep-copy the model).
+        memo[id(self.backbone)] = self.backbone
+        cls = type(self)
+        clone = cls.__new__(cls)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            object.__setattr__(clone, key, copy.deepcopy(value, memo))
+        return clone
+
+    # ------------------------------------------------------------------------------------------
+    # Helpers shared by the methods
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def class_prompt_features(self, classes: ClassSet, templates: Sequence[str] | None = None) -> Tensor:
+        """Frozen, L2-normalized text features ``(K, E)`` of hand-crafted prompts.
+
+        With several templates, features are averaged over templates unnormalized and then
+        normalized, as CLIP's prompt ensembling does.
+        """
+        if not templates:
+            return self.backbone.encode_prompts(classes.prompts(), normalize=True)
+        total = None
+        for template in templates:
+            features = self.backbone.encode_prompts(classes.prompts(template), normalize=True)
+            total = features if total is None else total + features
+        return F.normalize(total / len(templates), dim=-1)
+
+    def cosine_logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        """``logit_scale * cos``: ``(B, E) x (K, E) -> (B, K)``."""
+        image_features = F.normalize(image_features, dim=-1)
+        text_features = F.normalize(text_features, dim=-1)
+        return self.backbone.logit_scale * image_features @ text_features.t()

@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""vlprompt command line: ``python run_benchmark.py PROTOCOL [options]``.
+
+With no options, ``python run_benchmark.py base2novel`` runs CoOp on the built-in ``digits``
+dataset with the ``toy-clip`` model and its ``digits`` weights, offline, in a few minutes on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+logger = logging.getLogger("vlprompt")
+
+DEFAULT_METHOD = "coop"
+DEFAULT_DATASET = "digits"
+DEFAULT_MODEL = "toy-clip"
+DEFAULT_PRETRAINED = "digits"
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", nargs="+", default=[DEFAULT_METHOD], help="method name(s), or 'all'")
+    parser.add_argument("--dataset", nargs="+", default=[DEFAULT_DATASET], help="dataset name(s) (CoOp config names), or 'all' for the 11 standard ones")
+    parser.add_argument("--data-root", type=Path, default=None, help="folder holding the dataset folders (default: $VLPROMPT_DATA or ~/.cache/vlprompt/data)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name, e.g. ViT-B-16 (default: toy-clip)")
+    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="open_clip pretrained tag (openai, ...), a local weight file such as ~/.cache/clip/ViT-B-16.pt, 'digits' (toy-clip only) or 'none'")
+    parser.add_argument("--shots", type=int, default=16, help="training images per class; 0 uses the full training split (default: 16)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds; one run per seed (default: 1)")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="where runs and summaries are written (default: runs)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's published value); 0 evaluates the initialization")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the method's published value)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
+    parser.add_argument("--precision", choices=("fp32", "amp-bf16", "amp-fp16"), default="fp32", help="fp32, or autocast with fp32 parameters (default: fp32)")
+    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE", help="override any method or train config field, e.g. --set n_ctx=16 train.lr=0.01")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="few-shot splits, weights and feature caches (default: $VLPROMPT_CACHE or ~/.cache/vlprompt)")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their last epoch checkpoint")
+    parser.add_argument("--force", action="store_true", help="rerun runs whose results.json is already complete")
+    parser.add_argument("--on-bad-image", choices=("raise", "skip"), default="raise", help="stop on an unreadable image, or skip and count it (default: raise)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+
+
+def _expand(values: Sequence[str], everything: Sequence[str], kind: str) -> list[str]:
+    names: list[str] = []
+    for value in values:
+        for name in value.split(","):
+            name = name.strip()
+            if not name:
+                continue
+            if name == "all":
+                names.extend(everything)
+            else:
+                names.append(name)
+    seen: list[str] = []
+    for name in names:
+        if name not in seen:
+            seen.append(name)
+    if not seen:
+        raise ValueError(f"no {kind} given")
+    return seen
+
+
+def _settings_list(args: argparse.Namespace) -> list[Any]:
+    """Validate names and overrides, and expand the sweep into one RunSettings per run."""
+    import torch
+
+    from benchmarks import STANDARD_DATASETS, list_datasets
+    from learners import TrainConfig, get_method, list_methods, parse_overrides
+    from strategies.experiment import RunSettings
+
+    methods = _expand(args.method, [m for m in list_methods() if m != "zeroshot"], "method")
+    for method in methods:
+        get_method(method)
+    datasets = _expand(args.dataset, list(STANDARD_DATASETS), "dataset")
+    known = list_datasets()
+    for dataset in datasets:
+        if dataset not in known:
+            import difflib
+
+            close = difflib.get_close_matches(dataset, known, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown dataset {dataset!r}.{hint} Known datasets: {', '.join(known)}")
+    if args.shots < 0:
+        raise ValueError(f"--shots must be >= 0, got {args.shots}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pairs = [pair for group in args.overrides for pair in group]
+    settings = []
+    for method in methods:
+        spec = get_method(method)
+        overrides = parse_overrides(pairs, {"method": spec.config_class, "train": TrainConfig}) if pairs else {"method": {}, "train": {}}
+        for dataset in datasets:
+            for seed in args.seeds:
+                settings.append(
+                    RunSettings(
+                        method=method,
+                        dataset=dataset,
+                        seed=seed,
+                        shots=args.shots or None,
+                        data_root=args.data_root,
+                        output_dir=args.output_dir,
+                        model=args.model,
+                        pretrained=args.pretrained,
+                        device=device,
+                        precision=args.precision,
+                        epochs=args.epochs,
+                        batch_size=args.batch_size,
+                        method_overrides=overrides["method"],
+                        train_overrides=overrides["train"],
+                        cache_dir=args.cache_dir,
+                        resume=args.resume,
+                        progress=not args.no_progress,
+                        on_bad_image=args.on_bad_image,
+                    )
+                )
+    return settings
+
+
+def _is_complete(path: Path) -> bool:
+    import json
+
+    try:
+        return bool(json.loads(path.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def run_sweep(protocol: str, settings: list[Any], run: Callable[[Any], dict], force: bool) -> int:
+    """Run every setting; skip complete ones unless ``force``; report failures and go on."""
+    from strategies.experiment import run_dir
+
+    failures = []
+    for index, setting in enumerate(settings, 1):
+        label = f"{setting.method}/{setting.dataset}/seed{setting.seed}"
+        results_path = run_dir(setting, protocol) / "results.json"
+        if not force and _is_complete(results_path):
+            logger.info("[%d/%d] %s: complete results exist, skipped (--force reruns)", index, len(settings), label)
+            continue
+        logger.info("[%d/%d] %s", index, len(settings), label)
+        try:
+            run(setting)
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # noqa: BLE001 - one failed run must not stop the sweep
+            if len(settings) == 1:
+                raise
+            logger.error("%s failed: %s: %s", label, type(error).__name__, error)
+            failures.append((label, error))
+    if failures:
+        logger.error("%d of %d runs failed: %s", len(failures), len(settings), ", ".join(f for f, _ in failures))
+    return 1 if failures else 0
+
+
+def _run_base2novel(args: argparse.Namespace) -> int:
+    from benchmarks.summary import write_summary
+    from strategies.experiment import run_base2novel
+
+    settings = _settings_list(args)
+    status = run_sweep("base2novel", settings, run_base2novel, args.force)
+    paths = write_summary(args.output_dir, "base2novel")
+    logger.info("summary: %s", ", ".join(str(p) for p in paths))
+    return status
+
+
+PROTOCOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "base2novel": (
+        "train on the base half of the classes, evaluate base and novel (HM)",
+        _add_common_arguments,
+        _run_base2novel,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_benchmark.py",
+        description="Benchmark prompt learners for CLIP-style models on the paper protocols.",
+    )
+    commands = parser.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
+    for name, (help_text, add_arguments, _) in PROTOCOLS.items():
+        add_arguments(commands.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("root", "PIL", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(getattr(args, "log_level", "INFO"))
+    import warnings
+
+    warnings.filterwarnings("ignore", module="qpsolvers")
+    warnings.filterwarnings("ignore", message=".*No loggers specified.*")
+    try:
+        return PROTOCOLS[args.protocol][2](args)
+    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as error:
+        logger.error("%s", error)
+        logger.debug("traceback", exc_info=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""One protocol run from resolved settings to ``results.json``: the glue between the layers.
+
+``run_benchmark.py`` parses the command line into a :class:`RunSettings` and calls
+:func:`run_base2novel`; sweeps call it once per (method, dataset, seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from benchmarks import ImageListDataset, build_transform, default_data_root
+from benchmarks.protocols import base2novel_splits
+from benchmarks.streams import make_experience
+from learners import ClassSet, ClipBackbone, PromptLearner, TrainConfig, get_method, load_backbone
+from learners.checkpoint import save_checkpoint
+from learners.config import config_to_dict
+from learners.io import write_json
+
+from .pretrain import DIGITS_MODEL, DIGITS_TAG, default_cache_dir, ensure_digits_weights
+from .prompt_strategy import PromptStrategy
+
+logger = logging.getLogger(__name__)
+
+RESULTS_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one run needs, already validated by the command line.
+
+    Attributes:
+        method_overrides / train_overrides: ``--set`` values for the method and train configs.
+        epochs / batch_size: shortcuts for the train config (None keeps the method default).
+    """
+
+    method: str = "coop"
+    dataset: str = "digits"
+    seed: int = 1
+    shots: int | None = 16
+    data_root: Path | None = None
+    output_dir: Path = Path("runs")
+    model: str = DIGITS_MODEL
+    pretrained: str = DIGITS_TAG
+    device: str = "cpu"
+    precision: str = "fp32"
+    epochs: int | None = None
+    batch_size: int | None = None
+    method_overrides: Mapping[str, Any] = field(default_factory=dict)
+    train_overrides: Mapping[str, Any] = field(default_factory=dict)
+    cache_dir: Path | None = None
+    resume: bool = False
+    progress: bool = True
+    on_bad_image: str = "raise"
+
+    def resolved_data_root(self) -> Path:
+        return Path(self.data_root) if self.data_root is not None else default_data_root()
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+_BACKBONES: dict[tuple[str, str, str], ClipBackbone] = {}
+
+
+def get_backbone(settings: RunSettings) -> ClipBackbone:
+    """The frozen backbone for these settings, built once per process and shared."""
+    pretrained = settings.pretrained
+    if pretrained == DIGITS_TAG:
+        if settings.model != DIGITS_MODEL:
+            raise ValueError(
+                f"--pretrained {DIGITS_TAG} provides weights for --model {DIGITS_MODEL} only, got --model {settings.model!r}"
+            )
+        pretrained = str(ensure_digits_weights(settings.resolved_data_root(), settings.resolved_cache_dir()))
+    key = (settings.model, pretrained, settings.device)
+    if key not in _BACKBONES:
+        backbone = load_backbone(settings.model, pretrained, device=settings.device)
+        backbone.pretrained = settings.pretrained
+        _BACKBONES[key] = backbone
+    return _BACKBONES[key]
+
+
+def resolve_configs(settings: RunSettings, dataset: str, shots: int | None = None) -> tuple[Any, TrainConfig]:
+    """Method and train configs: published defaults, then dataset overrides, then the user's."""
+    spec = get_method(settings.method)
+    method_values = dict(spec.dataset_config_overrides.get(dataset, {}))
+    method_values.update(settings.method_overrides)
+    method_config = spec.config_class(**method_values)
+    train_values = dict(spec.dataset_train_overrides.get(dataset, {}))
+    if shots is not None and shots in spec.fewshot_epochs:
+        train_values["epochs"] = spec.fewshot_epochs[shots]
+    train_values.update(settings.train_overrides)
+    if settings.epochs is not None:
+        train_values["epochs"] = settings.epochs
+    if settings.batch_size is not None:
+        train_values["batch_size"] = settings.batch_size
+    return method_config, dataclasses.replace(spec.train_defaults, **train_values)
+
+
+def run_dir(settings: RunSettings, protocol: str) -> Path:
+    return Path(settings.output_dir) / protocol / settings.dataset / settings.method / f"seed{settings.seed}"
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def peak_memory() -> tuple[int, str]:
+    """Peak memory in bytes and what was measured (CUDA allocations, else the process's max RSS)."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_max_rss"
+
+
+def evaluate(strategy: PromptStrategy, learner: PromptLearner, classes: ClassSet, dataset: ImageListDataset) -> dict[str, Any]:
+    """Top-1 accuracy (percent) of ``learner`` on ``dataset`` scored over ``classes``."""
+    learner.set_classnames(classes)
+    start = time.perf_counter()
+    strategy.eval([make_experience(dataset)], num_workers=strategy.train_config.num_workers)
+    seconds = time.perf_counter() - start
+    plugin = strategy.accuracy
+    return {
+        "accuracy": plugin.accuracy,
+        "correct": plugin.correct,
+        "total": plugin.total,
+        "seconds": seconds,
+        "images_per_second": plugin.total / seconds if seconds > 0 else float("nan"),
+    }
+
+
+def run_base2novel(settings: RunSettings) -> dict[str, Any]:
+    """Train on the base classes and evaluate base and novel, writing ``results.json``."""
+    protocol = "base2novel"
+    out = run_dir(settings, protocol)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(settings.seed)
+    spec = get_method(settings.method)
+    method_config, train_config = resolve_configs(settings, settings.dataset)
+    backbone = get_backbone(settings)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    base, novel = base2novel_splits(
+        settings.dataset,
+        settings.resolved_data_root(),
+        settings.shots,
+        settings.seed,
+        settings.resolved_cache_dir() / "fewshot",
+    )
+    seed_everything(settings.seed)
+    learner = spec.learner_class(backbone, method_config).to(settings.device)
+    base_classes = ClassSet(base.classnames, base.template, settings.dataset)
+    novel_classes = ClassSet(novel.classnames, novel.template, settings.dataset)
+    learner.set_classnames(base_classes)
+
+    size = backbone.image_size
+    train_set = ImageListDataset(base.train, base.image_root, build_transform(size, train=True), on_error=settings.on_bad_image)
+    base_test = ImageListDataset(base.test, base.image_root, build_transform(size, train=False), on_error=settings.on_bad_image)
+    novel_test = ImageListDataset(novel.test, novel.image_root, build_transform(size, train=False), on_error=settings.on_bad_image)
+
+    strategy = PromptStrategy(
+        learner,
+        train_config,
+        device=settings.device,
+        precision=settings.precision,
+        checkpoint_dir=out,
+        progress=settings.progress,
+    )
+    last = out / "last.pt"
+    if settings.resume and last.is_file():
+        strategy.restore_training_state(last)
+    elif last.is_file():
+        last.unlink()
+
+    train_seconds = 0.0
+    trained = train_config.epochs > 0 and learner.num_trainable_parameters() > 0
+    if trained and strategy.train_epochs > 0:
+        start = time.perf_counter()
+        strategy.train(make_experience(train_set), num_workers=train_config.num_workers, drop_last=len(train_set) >= train_config.batch_size)
+        train_seconds = time.perf_counter() - start
+
+    base_eval = evaluate(strategy, learner, base_classes, base_test)
+    novel_eval = evaluate(strategy, learner, novel_classes, novel_test)
+    learner.set_classnames(base_classes)
+    save_checkpoint(out / "model.pt", learner, dataset=settings.dataset, seed=settings.seed)
+    if last.is_file():
+        last.unlink()
+    memory, memory_kind = peak_memory()
+    history = strategy.epoch_history()
+    epochs_run = len(history)
+    skipped = sorted(set(train_set.skipped) | set(base_test.skipped) | set(novel_test.skipped))
+    results = {
+        "schema": RESULTS_SCHEMA,
+        "complete": True,
+        "protocol": protocol,
+        "method": settings.method,
+        "dataset": settings.dataset,
+        "seed": settings.seed,
+        "shots": settings.shots,
+        "model": settings.model,
+        "pretrained": settings.pretrained,
+        "precision": settings.precision,
+        "base_accuracy": base_eval["accuracy"],
+        "novel_accuracy": novel_eval["accuracy"],
+        "harmonic_mean": harmonic_mean(base_eval["accuracy"], novel_eval["accuracy"]),
+        "num_base_classes": len(base_classes),
+        "num_novel_classes": len(novel_classes),
+        "num_train_images": len(train_set),
+        "num_base_test_images": base_eval["total"],
+        "num_novel_test_images": novel_eval["total"],
+        "trainable_params": learner.num_trainable_parameters(),
+        "train_seconds": train_seconds,
+        "train_seconds_per_epoch": train_seconds / epochs_run if epochs_run else 0.0,
+        "eval_seconds": base_eval["seconds"] + novel_eval["seconds"],
+        "eval_images_per_second": (base_eval["total"] + novel_eval["total"])
+        / max(base_eval["seconds"] + novel_eval["seconds"], 1e-9),
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+        "skipped_images": len(skipped),
+        "skipped_image_paths": skipped[:100],
+        "loss_terms": history[-1] if history else {},
+        "epochs": history,
+        "config": {
+            "method": config_to_dict(method_config),
+            "train": config_to_dict(train_config),
+            "run": {
+                "data_root": str(settings.resolved_data_root()),
+                "device": settings.device,
+                "precision": settings.precision,
+                "shots": settings.shots,
+                "seed": settings.seed,
+                "model": settings.model,
+                "pretrained": settings.pretrained,
+            },
+        },
+        "torch_version": torch.__version__,
+    }
+    write_json(out / "results.json", results)
+    logger.info(
+        "%s %s seed %d: base %.2f novel %.2f HM %.2f -> %s",
+        settings.method,
+        settings.dataset,
+        settings.seed,
+        results["base_accuracy"],
+        results["novel_accuracy"],
+        results["harmonic_mean"],
+        out / "results.json",
+    )
+    return results

@@ -1,0 +1,332 @@
+"""The one training loop: an Avalanche ``SupervisedTemplate`` that trains a learner's prompts only.
+
+Call tree of one training experience (Avalanche 0.6), with what this strategy adds::
+
+    train(experience)
+      before_training_exp          -> optimizer over trainable parameters only (make_optimizer)
+      for epoch:
+        before_training_epoch      -> EpochLRPlugin sets the Dassl warmup + cosine LR
+        for minibatch:
+          forward()                -> learner.loss_terms(x, y) under autocast: logits + named terms
+          criterion()              -> sum of the terms (plugins may add more in before_backward)
+          backward()               -> non-finite loss check, GradScaler for amp-fp16
+          optimizer_step()
+        after_training_epoch       -> learner.on_epoch_end, term averages, epoch checkpoint
+      after_training_exp
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.templates import SupervisedTemplate
+from tqdm.auto import tqdm
+
+from learners import PromptLearner, TrainConfig, build_optimizer, lr_at_epoch
+from learners.checkpoint import checkpoint_payload
+from learners.io import save_torch
+
+logger = logging.getLogger(__name__)
+
+PRECISION_DTYPES = {"fp32": None, "amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a training loss is NaN or infinite."""
+
+
+class EpochLRPlugin(SupervisedPlugin):
+    """Sets the learning rate of every parameter group at the start of each epoch."""
+
+    def before_training_epoch(self, strategy: "PromptStrategy", *args, **kwargs) -> None:
+        lr = lr_at_epoch(strategy.train_config, strategy.epoch)
+        for group in strategy.optimizer.param_groups:
+            group["lr"] = lr
+        strategy.current_lr = lr
+
+
+class ProgressPlugin(SupervisedPlugin):
+    """tqdm bars over training and evaluation minibatches (disabled when stderr is no terminal)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bar = None
+
+    def _open(self, strategy, description: str) -> None:
+        total = len(strategy.dataloader) if hasattr(strategy.dataloader, "__len__") else None
+        self._bar = tqdm(total=total, desc=description, leave=False, disable=None)
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def before_training_epoch(self, strategy, *args, **kwargs) -> None:
+        self._open(strategy, f"train epoch {strategy.epoch + 1}/{strategy.total_epochs}")
+
+    def after_training_iteration(self, strategy, *args, **kwargs) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{float(strategy.loss):.4f}", refresh=False)
+
+    def after_training_epoch(self, strategy, *args, **kwargs) -> None:
+        self._close()
+
+    def before_eval_exp(self, strategy, *args, **kwargs) -> None:
+        self._open(strategy, "eval")
+
+    def after_eval_iteration(self, strategy, *args, **kwargs) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def after_eval_exp(self, strategy, *args, **kwargs) -> None:
+        self._close()
+
+
+class AccuracyPlugin(SupervisedPlugin):
+    """Counts correct top-1 predictions per evaluated experience (exact integers, no averaging)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.correct = 0
+        self.total = 0
+        self.per_class_correct: dict[int, int] = {}
+        self.per_class_total: dict[int, int] = {}
+
+    def before_eval_exp(self, strategy, *args, **kwargs) -> None:
+        self.correct = self.total = 0
+        self.per_class_correct, self.per_class_total = {}, {}
+
+    def after_eval_iteration(self, strategy, *args, **kwargs) -> None:
+        predictions = strategy.mb_output.argmax(dim=1)
+        hits = predictions == strategy.mb_y
+        self.correct += int(hits.sum())
+        self.total += int(strategy.mb_y.numel())
+        for label, hit in zip(strategy.mb_y.tolist(), hits.tolist()):
+            self.per_class_total[label] = self.per_class_total.get(label, 0) + 1
+            self.per_class_correct[label] = self.per_class_correct.get(label, 0) + int(hit)
+
+    @property
+    def accuracy(self) -> float:
+        """Top-1 accuracy in percent of the last evaluated experience."""
+        return 100.0 * self.correct / self.total if self.total else float("nan")
+
+
+class PromptStrategy(SupervisedTemplate):
+    """Trains a :class:`~learners.PromptLearner`'s learnable parameters with the CoOp harness's
+    optimizer and schedule, on any Avalanche stream.
+
+    Args:
+        learner: the prompt learner (its frozen backbone is not a submodule).
+        train_config: optimizer, schedule and batch sizes.
+        device: torch device.
+        precision: ``fp32``, ``amp-bf16`` or ``amp-fp16``; parameters and optimizer state stay fp32.
+        plugins: extra Avalanche plugins (regularizers, metrics); the list is copied.
+        evaluator: Avalanche ``EvaluationPlugin``; by default one without loggers.
+        checkpoint_dir: where ``last.pt`` (learnable state, optimizer, RNG, epoch) is written after
+            every epoch; None disables epoch checkpoints.
+        progress: show tqdm bars.
+    """
+
+    def __init__(
+        self,
+        learner: PromptLearner,
+        train_config: TrainConfig,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        plugins: Sequence[SupervisedPlugin] | None = None,
+        evaluator: EvaluationPlugin | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> None:
+        if precision not in PRECISION_DTYPES:
+            raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, got {precision!r}")
+        self.train_config = train_config
+        self.precision = precision
+        self.accuracy = AccuracyPlugin()
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.epoch = 0  # 0-based epoch index within the current experience, resume-aware
+        self.start_epoch = 0
+        self.total_epochs = train_config.epochs
+        self.current_lr = lr_at_epoch(train_config, 0)
+        self.history: list[dict[str, Any]] = []
+        self.global_step = 0
+        self._terms: dict[str, torch.Tensor] = {}
+        self._term_sums: dict[str, float] = {}
+        self._term_count = 0
+        self._resume_state: dict[str, Any] | None = None
+        device = torch.device(device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp-fp16")
+        all_plugins: list[SupervisedPlugin] = [EpochLRPlugin(), *(plugins or []), self.accuracy]
+        if progress:
+            all_plugins.append(ProgressPlugin())
+        params = learner.trainable_parameters()
+        optimizer = build_optimizer(params, train_config) if params else torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        super().__init__(
+            model=learner,
+            optimizer=optimizer,
+            criterion=torch.nn.CrossEntropyLoss(),
+            train_mb_size=train_config.batch_size,
+            train_epochs=train_config.epochs,
+            eval_mb_size=train_config.eval_batch_size,
+            device=device,
+            plugins=all_plugins,
+            evaluator=evaluator if evaluator is not None else EvaluationPlugin(loggers=[]),
+            eval_every=-1,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Optimizer: prompt parameters only
+
+    def make_optimizer(self, reset_optimizer_state: bool = False, **kwargs) -> None:
+        params = self.model.trainable_parameters()
+        current = [p for group in self.optimizer.param_groups for p in group["params"]]
+        same = len(current) == len(params) and all(a is b for a, b in zip(current, params))
+        if not same or (reset_optimizer_state and self.train_config.reset_optimizer):
+            self.optimizer = build_optimizer(params, self.train_config)
+        self.optimized_param_id = {id(p): p for p in params}
+
+    # ------------------------------------------------------------------------------------------
+    # Forward, loss, backward
+
+    def autocast(self):
+        dtype = PRECISION_DTYPES[self.precision]
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def forward(self):
+        with self.autocast():
+            if self.is_training:
+                logits, terms = self.model.loss_terms(self.mb_x, self.mb_y)
+                self._terms = dict(terms)
+            else:
+                logits = self.model(self.mb_x)
+        return logits.float()
+
+    def criterion(self):
+        if self.is_training:
+            return sum(term.float() for term in self._terms.values())
+        return F.cross_entropy(self.mb_output, self.mb_y)
+
+    def add_loss_term(self, name: str, value: torch.Tensor) -> None:
+        """Add a named term to the current step's loss (for regularizer plugins in before_backward)."""
+        self._terms[name] = value
+        self.loss = self.loss + value
+
+    def backward(self):
+        if not torch.isfinite(self.loss).all():
+            terms = ", ".join(f"{k}={float(v):.6g}" for k, v in self._terms.items())
+            last = self.checkpoint_dir / "last.pt" if self.checkpoint_dir is not None else None
+            kept = f"; the last good checkpoint is kept at {last}" if last is not None and last.exists() else ""
+            raise NonFiniteLossError(
+                f"non-finite loss {float(self.loss)} at epoch {self.epoch + 1}, step {self.global_step} "
+                f"(terms: {terms}; precision {self.precision}, lr {self.current_lr:.3g}){kept}. "
+                "Lower the learning rate, use --precision fp32, or check the inputs"
+            )
+        self.scaler.scale(self.loss).backward(retain_graph=self.retain_graph)
+
+    def optimizer_step(self):
+        if self.train_config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.train_config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    # ------------------------------------------------------------------------------------------
+    # Epoch bookkeeping, checkpoints and resume
+
+    def _before_training_epoch(self, **kwargs):
+        self.epoch = self.start_epoch + self.clock.train_exp_epochs
+        self._term_sums, self._term_count = {}, 0
+        super()._before_training_epoch(**kwargs)
+
+    def _after_training_iteration(self, **kwargs):
+        self.global_step += 1
+        self._term_count += 1
+        for name, value in self._terms.items():
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value)
+        self._term_sums["loss"] = self._term_sums.get("loss", 0.0) + float(self.loss)
+        super()._after_training_iteration(**kwargs)
+
+    def _after_training_epoch(self, **kwargs):
+        self.model.on_epoch_end(self.epoch, self.total_epochs)
+        record = {"epoch": self.epoch + 1, "lr": self.current_lr}
+        record.update({k: v / max(self._term_count, 1) for k, v in self._term_sums.items()})
+        self.history.append(record)
+        logger.info(
+            "epoch %d/%d lr %.4g %s",
+            self.epoch + 1,
+            self.total_epochs,
+            self.current_lr,
+            " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "lr")),
+        )
+        super()._after_training_epoch(**kwargs)
+        if self.checkpoint_dir is not None:
+            self.save_training_state(self.checkpoint_dir / "last.pt")
+
+    def save_training_state(self, path: str | os.PathLike) -> None:
+        """Write learnable state, optimizer, scaler, RNG states and history atomically."""
+        save_torch(
+            path,
+            checkpoint_payload(
+                self.model,
+                epoch=self.epoch + 1,
+                total_epochs=self.total_epochs,
+                optimizer=self.optimizer.state_dict(),
+                scaler=self.scaler.state_dict(),
+                history=self.history,
+                global_step=self.global_step,
+                rng={
+                    "torch": torch.get_rng_state(),
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+            ),
+        )
+
+    def restore_training_state(self, path: str | os.PathLike) -> int:
+        """Restore a :meth:`save_training_state` file; returns the number of finished epochs."""
+        from learners.checkpoint import load_checkpoint
+
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        load_checkpoint(payload, self.model)
+        self.make_optimizer()
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.history = list(payload["history"])
+        self.global_step = int(payload["global_step"])
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        finished = int(payload["epoch"])
+        self.start_epoch = finished
+        self.train_epochs = max(self.total_epochs - finished, 0)
+        logger.info("resumed from %s after epoch %d/%d", path, finished, self.total_epochs)
+        return finished
+
+    def epoch_history(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.history]
+
+
+def mean_terms(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Loss terms of the last epoch (what each term contributed at the end of training)."""
+    if not history:
+        return {}
+    return {k: float(v) for k, v in history[-1].items() if k not in ("epoch", "lr") and math.isfinite(float(v))}
