@@ -429,36 +429,30 @@ def load_backbone(
 
 
 def _load_file(model_name: str, path: Path, quick_gelu: bool | None) -> nn.Module:
-    if _is_torchscript_archive(path):
-        # The OpenAI release files are TorchScript archives; open_clip rebuilds a CLIP module
-        # from their state dict with QuickGELU, as the original model was trained.
-        try:
-            model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
-        except Exception as error:  # noqa: BLE001
-            raise PretrainedWeightsError(
-                f"could not read the OpenAI checkpoint {str(path)!r} ({type(error).__name__}: {error}); "
-                "the file may be truncated: download it again or pass another file"
-            ) from error
-        return model
+    openai_archive = _is_torchscript_archive(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
+        if openai_archive:
+            # The OpenAI release files are TorchScript archives whose state dict uses the key
+            # layout open_clip's CLIP module keeps; the model was trained with QuickGELU.
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for unreadable files
         raise PretrainedWeightsError(
             f"could not read weight file {str(path)!r} ({type(error).__name__}: {error}); the file is "
-            "corrupt or not a torch checkpoint: pass another file, an open_clip tag, or 'none'"
+            "truncated, corrupt or not a torch checkpoint: download it again, or pass another file, an "
+            "open_clip tag, or 'none'"
         ) from error
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise PretrainedWeightsError(f"weight file {str(path)!r} holds a {type(state).__name__}, not a state dict")
     state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
-    if quick_gelu is None:
-        quick_gelu = bool(open_clip.get_model_config(model_name).get("quick_gelu", False)) or (
-            path.name.startswith(("ViT-", "RN")) and "visual.proj" in state or "visual.attnpool.c_proj.weight" in state
-        )
-    model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
-    for key in ("input_resolution", "context_length", "vocab_size"):
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
         state.pop(key, None)
+    if quick_gelu is None:
+        quick_gelu = openai_archive or bool(open_clip.get_model_config(model_name).get("quick_gelu", False))
+    model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as error:
