@@ -8,6 +8,8 @@ dataset with the ``toy-clip`` model and its ``digits`` weights, offline, in a fe
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import logging
 import os
 import sys
@@ -22,13 +24,17 @@ DEFAULT_MODEL = "toy-clip"
 DEFAULT_PRETRAINED = "digits"
 
 
-def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_common_arguments(parser: argparse.ArgumentParser, dataset: bool = True, shots: bool = True) -> None:
+    """Add the options every protocol shares; a protocol that defines its own ``--dataset`` or
+    ``--shots`` turns that one off."""
     parser.add_argument("--method", nargs="+", default=[DEFAULT_METHOD], help="method name(s), or 'all'")
-    parser.add_argument("--dataset", nargs="+", default=[DEFAULT_DATASET], help="dataset name(s) (CoOp config names), or 'all' for the 11 standard ones")
+    if dataset:
+        parser.add_argument("--dataset", nargs="+", default=[DEFAULT_DATASET], help="dataset name(s) (CoOp config names), or 'all' for the 11 standard ones")
     parser.add_argument("--data-root", type=Path, default=None, help="folder holding the dataset folders (default: $VLPROMPT_DATA or ~/.cache/vlprompt/data)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name, e.g. ViT-B-16 (default: toy-clip)")
     parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="open_clip pretrained tag (openai, ...), a local weight file such as ~/.cache/clip/ViT-B-16.pt, 'digits' (toy-clip only) or 'none'")
-    parser.add_argument("--shots", type=int, default=16, help="training images per class; 0 uses the full training split (default: 16)")
+    if shots:
+        parser.add_argument("--shots", type=int, default=16, help="training images per class; 0 uses the full training split (default: 16)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds; one run per seed (default: 1)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="where runs and summaries are written (default: runs)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's published value); 0 evaluates the initialization")
@@ -84,8 +90,10 @@ def _settings_list(args: argparse.Namespace) -> list[Any]:
             close = difflib.get_close_matches(dataset, known, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown dataset {dataset!r}.{hint} Known datasets: {', '.join(known)}")
-    if args.shots < 0:
-        raise ValueError(f"--shots must be >= 0, got {args.shots}")
+    shot_counts = args.shots if isinstance(args.shots, list) else [args.shots]
+    for shots in shot_counts:
+        if shots < 0:
+            raise ValueError(f"--shots must be >= 0, got {shots}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pairs = [pair for group in args.overrides for pair in group]
     settings = []
@@ -93,13 +101,13 @@ def _settings_list(args: argparse.Namespace) -> list[Any]:
         spec = get_method(method)
         overrides = parse_overrides(pairs, {"method": spec.config_class, "train": TrainConfig}) if pairs else {"method": {}, "train": {}}
         for dataset in datasets:
-            for seed in args.seeds:
+            for shots, seed in itertools.product(shot_counts, args.seeds):
                 settings.append(
                     RunSettings(
                         method=method,
                         dataset=dataset,
                         seed=seed,
-                        shots=args.shots or None,
+                        shots=shots or None,
                         data_root=args.data_root,
                         output_dir=args.output_dir,
                         model=args.model,
@@ -128,15 +136,27 @@ def _is_complete(path: Path) -> bool:
         return False
 
 
-def run_sweep(protocol: str, settings: list[Any], run: Callable[[Any], dict], force: bool) -> int:
-    """Run every setting; skip complete ones unless ``force``; report failures and go on."""
+def run_sweep(
+    protocol: str,
+    settings: list[Any],
+    run: Callable[[Any], dict],
+    force: bool,
+    is_complete: Callable[[Any, Path], bool] | None = None,
+) -> int:
+    """Run every setting; skip complete ones unless ``force``; report failures and go on.
+
+    ``is_complete(setting, results_path)`` decides what counts as complete (default: the
+    results file contains ``"complete": true``).
+    """
     from strategies.experiment import run_dir
 
     failures = []
     for index, setting in enumerate(settings, 1):
-        label = f"{setting.method}/{setting.dataset}/seed{setting.seed}"
-        results_path = run_dir(setting, protocol) / "results.json"
-        if not force and _is_complete(results_path):
+        folder = run_dir(setting, protocol)
+        label = folder.relative_to(setting.output_dir).as_posix()
+        results_path = folder / "results.json"
+        complete = is_complete(setting, results_path) if is_complete is not None else _is_complete(results_path)
+        if not force and complete:
             logger.info("[%d/%d] %s: complete results exist, skipped (--force reruns)", index, len(settings), label)
             continue
         logger.info("[%d/%d] %s", index, len(settings), label)
@@ -165,11 +185,92 @@ def _run_base2novel(args: argparse.Namespace) -> int:
     return status
 
 
+def _add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common_arguments(parser, shots=False)
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="shot counts, one run per count; 0 uses the full training split (default: 1 2 4 8 16)")
+
+
+def _add_transfer_arguments(parser: argparse.ArgumentParser, targets_help: str) -> None:
+    _add_common_arguments(parser, dataset=False)
+    parser.add_argument("--source", "--dataset", dest="dataset", nargs="+", default=["imagenet"], help="dataset(s) to train on, with all classes; one run per source (default: imagenet)")
+    parser.add_argument("--targets", nargs="+", default=None, help=targets_help)
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", help="the --output-dir of earlier runs")
+    parser.add_argument("--published", type=Path, default=None, help="published results table to compare with (default: the one shipped in benchmarks/data/published.json)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+
+
+def _write_summary(output_dir: Path, protocol: str) -> None:
+    from benchmarks.summary import write_summary
+
+    paths = write_summary(output_dir, protocol)
+    logger.info("summary: %s", ", ".join(str(p) for p in paths))
+
+
+def _run_fewshot(args: argparse.Namespace) -> int:
+    from strategies.protocols import FEWSHOT, run_fewshot
+
+    status = run_sweep(FEWSHOT, _settings_list(args), run_fewshot, args.force)
+    _write_summary(args.output_dir, FEWSHOT)
+    return status
+
+
+def _run_transfer(args: argparse.Namespace, protocol: str) -> int:
+    from benchmarks import STANDARD_DATASETS, dataset_info
+    from strategies.protocols import CROSS_DATASET, DOMAIN_GENERALIZATION_TARGETS, default_targets, results_complete, run_transfer
+
+    settings = _settings_list(args)
+    targets = None  # each source's default targets
+    if args.targets is not None and args.targets != ["all"]:
+        everything = STANDARD_DATASETS if protocol == CROSS_DATASET else DOMAIN_GENERALIZATION_TARGETS
+        targets = _expand(args.targets, everything, "target")
+        for target in targets:
+            dataset_info(target)
+
+    def complete(setting: Any, path: Path) -> bool:
+        return results_complete(path, targets if targets is not None else default_targets(protocol, setting.dataset))
+
+    run = functools.partial(run_transfer, protocol=protocol, targets=targets)
+    status = run_sweep(protocol, settings, run, args.force, is_complete=complete)
+    _write_summary(args.output_dir, protocol)
+    return status
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from benchmarks.report import write_report
+
+    paths = write_report(args.runs_dir, published_path=args.published)
+    logger.info("report: %d files under %s", len(paths), args.runs_dir)
+    return 0
+
+
 PROTOCOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "base2novel": (
         "train on the base half of the classes, evaluate base and novel (HM)",
         _add_common_arguments,
         _run_base2novel,
+    ),
+    "fewshot": (
+        "train on K images of every class, evaluate on the full test split, for each K",
+        _add_fewshot_arguments,
+        _run_fewshot,
+    ),
+    "cross-dataset": (
+        "train on a source dataset (all classes), evaluate the same prompts on other datasets",
+        functools.partial(_add_transfer_arguments, targets_help="datasets to evaluate on, or 'all' (default: the 10 standard datasets other than the source)"),
+        functools.partial(_run_transfer, protocol="cross-dataset"),
+    ),
+    "domain-generalization": (
+        "train on ImageNet, evaluate on ImageNet-V2, -Sketch, -A and -R",
+        functools.partial(_add_transfer_arguments, targets_help="ImageNet variants to evaluate on, or 'all' (default: imagenetv2 imagenet_sketch imagenet_a imagenet_r)"),
+        functools.partial(_run_transfer, protocol="domain-generalization"),
+    ),
+    "report": (
+        "rebuild the summaries of every protocol under RUNS_DIR and plot them as PNG files",
+        _add_report_arguments,
+        _run_report,
     ),
 }
 

@@ -99,14 +99,18 @@ def get_backbone(settings: RunSettings) -> ClipBackbone:
 
 
 def resolve_configs(settings: RunSettings, dataset: str, shots: int | None = None) -> tuple[Any, TrainConfig]:
-    """Method and train configs: published defaults, then dataset overrides, then the user's."""
+    """Method and train configs: published defaults, the few-shot epochs for ``shots``, then
+    dataset overrides, then the user's."""
     spec = get_method(settings.method)
     method_values = dict(spec.dataset_config_overrides.get(dataset, {}))
     method_values.update(settings.method_overrides)
     method_config = spec.config_class(**method_values)
-    train_values = dict(spec.dataset_train_overrides.get(dataset, {}))
+    train_values: dict[str, Any] = {}
     if shots is not None and shots in spec.fewshot_epochs:
         train_values["epochs"] = spec.fewshot_epochs[shots]
+    # Dataset overrides win over the few-shot schedule: CoOp trains ImageNet for 50 epochs at
+    # every shot count.
+    train_values.update(spec.dataset_train_overrides.get(dataset, {}))
     train_values.update(settings.train_overrides)
     if settings.epochs is not None:
         train_values["epochs"] = settings.epochs
@@ -116,7 +120,11 @@ def resolve_configs(settings: RunSettings, dataset: str, shots: int | None = Non
 
 
 def run_dir(settings: RunSettings, protocol: str) -> Path:
-    return Path(settings.output_dir) / protocol / settings.dataset / settings.method / f"seed{settings.seed}"
+    """``OUTPUT/PROTOCOL/DATASET/METHOD[/shotsK]/seedS``; only few-shot runs have a shots level."""
+    root = Path(settings.output_dir) / protocol / settings.dataset / settings.method
+    if protocol == "fewshot":
+        root = root / f"shots{settings.shots if settings.shots is not None else 'all'}"
+    return root / f"seed{settings.seed}"
 
 
 def harmonic_mean(a: float, b: float) -> float:

@@ -11,7 +11,8 @@ Call tree of one training experience (Avalanche 0.6), with what this strategy ad
           criterion()              -> sum of the terms (plugins may add more in before_backward)
           backward()               -> non-finite loss check, GradScaler for amp-fp16
           optimizer_step()
-        after_training_epoch       -> learner.on_epoch_end, term averages, epoch checkpoint
+        after_training_epoch       -> learner.on_epoch_end, optimizer rebuilt if the trainable
+                                      set changed, term averages, epoch checkpoint
       after_training_exp
 """
 
@@ -263,6 +264,16 @@ class PromptStrategy(SupervisedTemplate):
 
     def _after_training_epoch(self, **kwargs):
         self.model.on_epoch_end(self.epoch, self.total_epochs)
+        # on_epoch_end may change which parameters train (PLOT++ switches stages), and Avalanche
+        # calls make_optimizer only at experience boundaries: rebuild now if the set changed.
+        previous = self.optimizer
+        self.make_optimizer()
+        if self.optimizer is not previous:
+            logger.info(
+                "trainable parameters changed after epoch %d; optimizer rebuilt over %d parameters",
+                self.epoch + 1,
+                sum(p.numel() for p in self.model.trainable_parameters()),
+            )
         record = {"epoch": self.epoch + 1, "lr": self.current_lr}
         record.update({k: v / max(self._term_count, 1) for k, v in self._term_sums.items()})
         self.history.append(record)

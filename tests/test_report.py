@@ -1,0 +1,64 @@
+"""``run_benchmark.py report``: summaries and PNG plots rebuilt from results files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from run_benchmark import main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+COST = {"trainable_params": 2048, "train_seconds_per_epoch": 1.5, "eval_images_per_second": 90.0,
+        "peak_memory_bytes": 2**30, "peak_memory_kind": "cpu_max_rss", "model": "toy-clip"}
+
+
+def write_results(path: Path, **fields) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps({"complete": True, **COST, **fields}))
+
+
+def make_runs(root: Path) -> None:
+    for method, offset in (("coop", 0.0), ("kgcoop", 5.0)):
+        for dataset in ("caltech101", "dtd"):
+            for seed in (1, 2):
+                write_results(root / "base2novel" / dataset / method / f"seed{seed}", protocol="base2novel",
+                              method=method, dataset=dataset, seed=seed, base_accuracy=70.0 + offset + seed,
+                              novel_accuracy=60.0 + offset, harmonic_mean=64.0 + offset)
+                for shots in (1, 2, 4):
+                    write_results(root / "fewshot" / dataset / method / f"shots{shots}" / f"seed{seed}",
+                                  protocol="fewshot", method=method, dataset=dataset, seed=seed, shots=shots,
+                                  accuracy=40.0 + 5 * shots + offset)
+        for protocol, targets in (("cross-dataset", ("dtd", "eurosat")),
+                                  ("domain-generalization", ("imagenetv2", "imagenet_a"))):
+            write_results(root / protocol / "imagenet" / method / "seed1", protocol=protocol, method=method,
+                          dataset="imagenet", source="imagenet", seed=1, source_accuracy=70.0 + offset,
+                          targets={t: {"accuracy": 50.0 + offset, "eval_images_per_second": 80.0} for t in targets})
+
+
+def test_report_writes_summaries_and_pngs(tmp_path):
+    make_runs(tmp_path)
+    assert main(["report", str(tmp_path), "--log-level", "WARNING"]) == 0
+
+    expected_plots = [
+        "base2novel/plots/coop.png", "base2novel/plots/kgcoop.png", "fewshot/plots/accuracy_vs_shots.png",
+        "cross-dataset/plots/accuracy.png", "domain-generalization/plots/accuracy.png",
+    ]
+    for name in expected_plots:
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE), name
+        assert len(data) > 1000, name
+    for protocol in ("base2novel", "fewshot", "cross-dataset", "domain-generalization"):
+        for name in ("summary.json", "summary.md", "summary.csv", "summary_cost.csv"):
+            assert (tmp_path / protocol / name).is_file(), (protocol, name)
+
+    fewshot = json.loads((tmp_path / "fewshot" / "summary.json").read_text())
+    assert {(a["method"], a["shots"]) for a in fewshot["averages"]} == {(m, k) for m in ("coop", "kgcoop") for k in (1, 2, 4)}
+    base2novel = json.loads((tmp_path / "base2novel" / "summary.json").read_text())
+    coop = next(a for a in base2novel["averages"] if a["method"] == "coop")
+    assert coop["base_accuracy"] == 71.5
+    assert coop["published_base_accuracy"] == 82.69
+
+
+def test_report_missing_folder(tmp_path):
+    assert main(["report", str(tmp_path / "missing"), "--log-level", "CRITICAL"]) == 2
+    assert main(["report", str(tmp_path), "--log-level", "CRITICAL"]) == 2
