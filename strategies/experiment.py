@@ -27,6 +27,7 @@ from learners import ClassSet, ClipBackbone, PromptLearner, TrainConfig, get_met
 from learners.checkpoint import save_checkpoint
 from learners.config import config_to_dict
 from learners.io import write_json
+from plugins.prototypes import prototype_plugins
 
 from .pretrain import DIGITS_MODEL, DIGITS_TAG, default_cache_dir, ensure_digits_weights
 from .prompt_strategy import PromptStrategy
@@ -192,6 +193,7 @@ def run_base2novel(settings: RunSettings) -> dict[str, Any]:
         precision=settings.precision,
         checkpoint_dir=out,
         progress=settings.progress,
+        plugins=prototype_plugins(learner),
     )
     last = out / "last.pt"
     if settings.resume and last.is_file():
