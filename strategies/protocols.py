@@ -207,6 +207,7 @@ def _header(settings: RunSettings, protocol: str) -> dict[str, Any]:
 
 def _cost(trained: TrainedLearner, evaluations: Sequence[dict[str, Any]]) -> dict[str, Any]:
     history = trained.strategy.epoch_history()
+    epochs_timed = len(history) - trained.strategy.start_epoch
     eval_seconds = sum(e["seconds"] for e in evaluations)
     eval_images = sum(e["total"] for e in evaluations)
     memory, memory_kind = peak_memory()
@@ -215,7 +216,9 @@ def _cost(trained: TrainedLearner, evaluations: Sequence[dict[str, Any]]) -> dic
         "num_train_images": len(trained.train_set),
         "trainable_params": trained.learner.num_trainable_parameters(),
         "train_seconds": trained.train_seconds,
-        "train_seconds_per_epoch": trained.train_seconds / len(history) if history else 0.0,
+        # Only the epochs run in this process were timed: a resumed run restores the others.
+        "train_seconds_per_epoch": trained.train_seconds / epochs_timed if epochs_timed > 0 else None,
+        "epochs_resumed": trained.strategy.start_epoch,
         "eval_seconds": eval_seconds,
         "eval_images_per_second": eval_images / max(eval_seconds, 1e-9),
         "peak_memory_bytes": memory,

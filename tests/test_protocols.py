@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from benchmarks import read_dataset
 from run_benchmark import main
+from strategies import protocols
 from strategies.experiment import RunSettings, resolve_configs, run_dir
 from strategies.protocols import (
     DOMAIN_GENERALIZATION_TARGETS,
@@ -146,10 +148,10 @@ def test_fewshot_sweep_and_resume(data_root, tmp_path):
     assert {path: path.stat().st_mtime_ns for path in before} == before
 
     # --force reruns a complete run.
-    one = runs / "dtd" / "coop" / "shots1" / "seed1" / "results.json"
-    stamp = one.stat().st_mtime_ns
+    forced = runs / "dtd" / "coop" / "shots1" / "seed1" / "results.json"
+    stamp = forced.stat().st_mtime_ns
     assert cli("fewshot", data_root, tmp_path, "--dataset", "dtd", "--shots", "1", "--force") == 0
-    assert one.stat().st_mtime_ns != stamp
+    assert forced.stat().st_mtime_ns != stamp
 
 
 @pytest.mark.slow
@@ -210,6 +212,31 @@ def test_domain_generalization_end_to_end(data_root, tmp_path):
     coop = next(r for r in summary["averages"] if r["method"] == "coop")
     assert coop["published_accuracy"] == 59.28
     assert coop["diff_accuracy"] == pytest.approx(coop["accuracy"] - 59.28)
+
+
+@pytest.mark.slow
+def test_transfer_resume_skips_finished_training(data_root, tmp_path, monkeypatch):
+    settings = RunSettings(method="coop", dataset="caltech101", shots=1, data_root=data_root, output_dir=tmp_path,
+                           model="toy-clip", pretrained="none", epochs=2, progress=False, cache_dir=tmp_path)
+    out = run_dir(settings, "cross-dataset")
+
+    # Killed while evaluating the targets: training finished and left its epoch checkpoint.
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(protocols, "evaluate_split", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            protocols.run_cross_dataset(settings, ["dtd"])
+    assert (out / "last.pt").is_file()
+    assert not (out / "results.json").exists()
+
+    results = protocols.run_cross_dataset(dataclasses.replace(settings, resume=True), ["dtd"])
+    assert results["complete"] is True
+    assert results["epochs_resumed"] == 2
+    assert [epoch["epoch"] for epoch in results["epochs"]] == [1, 2]
+    assert results["train_seconds_per_epoch"] is None
+    assert not (out / "last.pt").exists()
 
 
 def test_unknown_target_rejected(data_root, tmp_path):
