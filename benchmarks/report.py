@@ -22,11 +22,15 @@ from .summary import load_results, summarize, write_summary_files
 
 logger = logging.getLogger(__name__)
 
+CONTINUAL = "continual"
+
 _METRIC_LABELS = {"base_accuracy": "base", "novel_accuracy": "novel", "harmonic_mean": "HM", "accuracy": "accuracy"}
 
 
 def write_report(runs_dir: str | os.PathLike[str], published_path: str | os.PathLike[str] | None = None) -> list[Path]:
     """Rebuild the summaries of every protocol folder under ``runs_dir`` and plot them.
+
+    Continual runs get their own summary files (`benchmarks.continual_report`) and no plots here.
 
     Plots go to ``RUNS_DIR/PROTOCOL/plots/``:
 
@@ -48,9 +52,11 @@ def write_report(runs_dir: str | os.PathLike[str], published_path: str | os.Path
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"runs folder {runs_dir} not found; pass the --output-dir of earlier runs")
     protocols = [name for name in PROTOCOL_METRICS if (runs_dir / name).is_dir()]
-    if not protocols:
+    continual = (runs_dir / CONTINUAL).is_dir()
+    if not protocols and not continual:
         raise FileNotFoundError(
-            f"no protocol folder ({', '.join(PROTOCOL_METRICS)}) under {runs_dir}; pass the --output-dir of earlier runs"
+            f"no protocol folder ({', '.join([*PROTOCOL_METRICS, CONTINUAL])}) under {runs_dir}; "
+            "pass the --output-dir of earlier runs"
         )
     table = load_published(published_path)
     written: list[Path] = []
@@ -61,6 +67,11 @@ def write_report(runs_dir: str | os.PathLike[str], published_path: str | os.Path
             logger.warning("%s: no complete results under %s, so nothing to plot", protocol, runs_dir / protocol)
             continue
         written += plot_summary(summary, runs_dir / protocol / "plots")
+    if continual:
+        # Continual runs report an accuracy matrix, summarized by their own module.
+        from .continual_report import write_continual_summary
+
+        written += write_continual_summary(runs_dir)
     return written
 
 

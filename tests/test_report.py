@@ -62,3 +62,10 @@ def test_report_writes_summaries_and_pngs(tmp_path):
 def test_report_missing_folder(tmp_path):
     assert main(["report", str(tmp_path / "missing"), "--log-level", "CRITICAL"]) == 2
     assert main(["report", str(tmp_path), "--log-level", "CRITICAL"]) == 2
+
+
+def test_report_rebuilds_continual_summary(tmp_path):
+    (tmp_path / "continual").mkdir()
+    assert main(["report", str(tmp_path), "--log-level", "WARNING"]) == 0
+    assert (tmp_path / "continual" / "summary.json").is_file()
+    assert (tmp_path / "continual" / "summary.md").is_file()
