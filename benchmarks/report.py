@@ -46,7 +46,7 @@ def write_report(runs_dir: str | os.PathLike[str], published_path: str | os.Path
         Every written file.
 
     Raises:
-        FileNotFoundError: If ``runs_dir`` does not exist or holds no protocol folder.
+        FileNotFoundError: If ``runs_dir`` does not exist or contains no protocol folder.
     """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
