@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import Dataset
 
-from learners import ClassSet, get_method, load_backbone
+from learners import ClassSet, TrainConfig, get_method, load_backbone, parse_overrides
 from learners.checkpoint import load_checkpoint, save_checkpoint
 from learners.ot import TransportPlanError, sinkhorn, transport_scores, uniform_sinkhorn_plan
 from learners.plot import PLOT, PLOTConfig, encode_local_features
@@ -131,6 +131,19 @@ def test_transport_plan_nan_raises():
         uniform_sinkhorn_plan(torch.ones(2, 3, 4), epsilon=1e-3)
 
 
+def test_plan_float32_under_autocast():
+    generator = torch.Generator().manual_seed(6)
+    features = torch.randn(4, 6, 16, generator=generator)
+    prompts = torch.randn(4, 3, 16, generator=generator)
+    exact = transport_scores(features, prompts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = transport_scores(features, prompts)
+        plan = uniform_sinkhorn_plan(1.0 - torch.rand(5, 6, 4, generator=generator).to(torch.bfloat16))
+    assert plan.dtype == torch.float32
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed.float(), exact, rtol=0, atol=3e-2)
+
+
 def test_transport_scores_match_pot_plan():
     generator = torch.Generator().manual_seed(4)
     features = torch.randn(3, 5, 8, generator=generator)
@@ -226,6 +239,18 @@ def test_plot_nan_context_raises(backbone, digit_images):
         learner.ctx[0, 0, 0] = float("nan")
         with pytest.raises(TransportPlanError, match="not finite"):
             learner(images)
+
+
+def test_plot_class_token_positions(backbone, digit_images):
+    images, _ = digit_images
+    features = {}
+    for position in ("end", "middle", "front"):
+        learner = make_learner(backbone, PLOT, class_token_position=position)
+        with torch.no_grad():
+            features[position] = learner.text_features()
+            assert learner(images).shape == (8, len(DIGITS))
+    assert not torch.allclose(features["end"], features["middle"])
+    assert not torch.allclose(features["end"], features["front"])
 
 
 def test_plot_config_validation():
@@ -389,6 +414,17 @@ def test_plotpp_config_validation(backbone):
     assert random_init.ctx.shape == (2, 3, 64)
 
 
+def test_plotpp_set_overrides():
+    parsed = parse_overrides(
+        ["ctx_inits=a photo of a,one picture of a", "n_text_prompts=2", "vision_stage_epochs=10"],
+        {"method": PLOTPPConfig, "train": TrainConfig},
+    )["method"]
+    assert parsed == {"ctx_inits": ("a photo of a", "one picture of a"), "n_text_prompts": 2, "vision_stage_epochs": 10}
+    assert PLOTPPConfig(**parsed).stage_one_epochs(50) == 10
+    assert parse_overrides(["ctx_inits=none"], {"method": PLOTPPConfig})["method"] == {"ctx_inits": None}
+    assert parse_overrides(["vision_stage_epochs=none"], {"method": PLOTPPConfig})["method"] == {"vision_stage_epochs": None}
+
+
 # ------------------------------------------------------------------------------------------------
 # Training loop
 
@@ -427,7 +463,7 @@ def test_strategy_rebuilds_optimizer_at_stage_switch(backbone, digit_images, tmp
 
     recorder = Recorder()
     train_config = dataclasses.replace(get_method("plotpp").train_defaults, epochs=2, batch_size=4, warmup_epochs=0)
-    strategy = PromptStrategy(learner, train_config, plugins=[recorder], progress=False, checkpoint_dir=tmp_path)
+    strategy = PromptStrategy(learner=learner, train_config=train_config, plugins=[recorder], progress=False, checkpoint_dir=tmp_path)
     with caplog.at_level(logging.INFO, logger="strategies.prompt_strategy"):
         strategy.train(make_experience(DigitTensors(images, labels)), num_workers=0)
     assert "trainable parameters changed after epoch 1; optimizer rebuilt over 1536 parameters" in caplog.text
@@ -441,7 +477,7 @@ def test_strategy_rebuilds_optimizer_at_stage_switch(backbone, digit_images, tmp
 
     # Resuming restores stage 2, so the saved two-parameter optimizer state loads.
     resumed = make_learner(backbone, PLOTPP, seed=3, vision_stage_epochs=1)
-    restarted = PromptStrategy(resumed, train_config, progress=False)
+    restarted = PromptStrategy(learner=resumed, train_config=train_config, progress=False)
     assert restarted.restore_training_state(tmp_path / "last.pt") == 2
     assert resumed.stage_name == "joint"
     assert len(restarted.optimizer.param_groups[0]["params"]) == 2
