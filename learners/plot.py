@@ -162,10 +162,11 @@ class PLOT(PromptSetLearner):
 
     Limitations: the image tower must be a ModifiedResNet (the published setting, 49 local
     features on RN50) or a ViT; timm towers raise NotImplementedError. The reference code runs
-    RN50 only, so PLOT on a ViT (transport over its patch tokens) has no published number. Any open_clip text tower works. The contexts are shared by all
-    classes, so a checkpoint scores any class set (base-to-novel, class-incremental), and the
-    whole state is global in federated rounds. The text tower encodes N*K prompts per step,
-    N times CoOp's cost.
+    RN50 only, so PLOT on a ViT (transport over its patch tokens) has no published number. Any
+    open_clip text tower works. The contexts are shared by all classes, so a checkpoint scores
+    any class set (base-to-novel, class-incremental), and the whole state is global in federated
+    rounds. The text tower encodes N*K prompts per step, N times CoOp's cost; on ImageNet that
+    is 4,000 prompts, and ``text_chunk_size`` bounds their activation memory.
     """
 
     def __init__(self, backbone: ClipBackbone, config: PLOTConfig) -> None:

@@ -148,8 +148,10 @@ class PLOTPP(PromptSetLearner):
 
     Defaults follow the reference ViT-B/16 config: N = 4 text sets of 4 tokens initialized from
     4 phrases, M = 4 visual sets of 2 tokens, batch 32, SGD at 0.002, 50 epochs. The reference
-    instead trains two separate 50-epoch runs, each with its own warmup and cosine schedule.
-    ``--epochs 100 --set vision_stage_epochs=50`` matches its epoch budget under one schedule.
+    instead trains two separate 50-epoch runs, each with its own warmup and cosine schedule, and
+    runs stage 1 for seed 1 only, starting every seed's stage 2 from it. Here each seed runs both
+    stages. ``--epochs 100 --set vision_stage_epochs=50`` matches the reference's epoch budget
+    under one schedule.
 
     Trainable parameters: ``N * M_text * D_text`` plus ``M * 2 * D_vision``. That is
     4*4*512 + 4*2*768 = 14,336 on ViT-B/16 and 4*4*64 + 4*2*64 = 1,536 on ``toy-clip``. Stage 1
