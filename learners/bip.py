@@ -83,9 +83,9 @@ class BIP(TCP):
 
     Text: TCP's class-aware prompts on ``[SOS][ctx]{class}.[EOS]`` with random context, TKE
     tokens replacing the context at text block 8. Vision: a shallow visual context (4, D_vision)
-    appended after the patch tokens before ``ln_pre``, and a Visual Knowledge Embedding VKE that
-    maps the frozen (unprompted, no-grad) image feature to instance-aware tokens (B, 4, D_vision),
-    blended into the last 4 tokens at the input of vision block 8 with weight 0.75.
+    is appended after the patch tokens before ``ln_pre``. A Visual Knowledge Embedding VKE maps
+    the frozen (unprompted, no-grad) image feature to instance-aware tokens (B, 4, D_vision),
+    which are blended into the last 4 tokens at the input of vision block 8 with weight 0.75.
 
     Residual fusion: ``image = normalize(normalize(prompted) + normalize(frozen))`` and
     ``text = normalize(normalize(prompted_text) + t)`` with t the hand-crafted features
@@ -98,8 +98,10 @@ class BIP(TCP):
     P (K, E) is a trainable prototype classifier. The reference initializes it from the
     normalized class means of the frozen image features of the training set (one pass with
     the train transforms). A learner does not see the dataset, so P defaults to t until
-    :meth:`init_prototypes` is called; ``plugins.prototypes.PrototypeInitPlugin`` calls it before
-    each training experience. P does not enter the logits.
+    :meth:`init_prototypes` is called. ``prototypes_initialized`` is True once P holds image class
+    means, or rows loaded from a checkpoint, for the current class set;
+    ``plugins.prototypes.PrototypeInitPlugin`` calls :meth:`init_prototypes` before a training
+    experience while it is False. P does not enter the logits.
 
     Trainable parameters on ViT-B/16 (E = 512, D = 512, D_vision = 768): text context 2,048 +
     TKE 329,856 + visual context 4 x 768 = 3,072 + VKE 512 x 128 + 128 + 128 x 3,072 + 3,072 =
@@ -134,7 +136,9 @@ class BIP(TCP):
         ).to(backbone.device)
         self.prototypes = nn.Parameter(torch.empty(0, backbone.embed_dim, device=backbone.device))  # (K, E)
         self._prototype_classes: tuple[str, ...] | None = None
-        self._prototype_stash: dict[tuple[str, ...], Tensor] = {}
+        # Class names -> (rows, initialized) of the class sets switched away from.
+        self._prototype_stash: dict[tuple[str, ...], tuple[Tensor, bool]] = {}
+        self.prototypes_initialized = False
 
     # ------------------------------------------------------------------------------------------
     # Class set and prototypes
@@ -144,10 +148,12 @@ class BIP(TCP):
         if self._prototype_classes == classes.classnames:
             return
         if self._prototype_classes is not None:
-            self._prototype_stash[self._prototype_classes] = self.prototypes.detach().clone()
-        rows = self._prototype_stash.pop(classes.classnames, None)
-        self._set_prototypes(self.handcrafted_features.clone() if rows is None else rows)
+            stashed = (self.prototypes.detach().clone(), self.prototypes_initialized)
+            self._prototype_stash[self._prototype_classes] = stashed
+        rows, initialized = self._prototype_stash.pop(classes.classnames, (self.handcrafted_features.clone(), False))
+        self._set_prototypes(rows)
         self._prototype_classes = classes.classnames
+        self.prototypes_initialized = initialized
 
     def _set_prototypes(self, rows: Tensor) -> None:
         rows = rows.to(device=self.prototypes.device, dtype=self.prototypes.dtype)
@@ -198,6 +204,7 @@ class BIP(TCP):
                 n_classes,
             )
         self._set_prototypes(rows)
+        self.prototypes_initialized = True
 
     def load_learnable_state_dict(self, state: Mapping[str, Tensor], strict: bool = True) -> None:
         """Load learnable state strictly, except prototypes saved for a class set of another size.
@@ -206,6 +213,8 @@ class BIP(TCP):
         the logits, and the reference's loader always drops them. Prototypes with the current
         row count are loaded and taken to belong to the current class set (the resume case).
         """
+        # NOTE: rows saved for another class set of the same size also load, because the state
+        # dict does not record class names. They only affect training, never the logits.
         state = dict(state)
         saved = state.get("prototypes")
         if saved is not None and saved.dim() == 2 and saved.shape[1] == self.prototypes.shape[1]:
@@ -217,6 +226,8 @@ class BIP(TCP):
                 )
                 state["prototypes"] = self.prototypes.detach().clone()
         super().load_learnable_state_dict(state, strict)
+        if saved is not None and saved.shape == self.prototypes.shape:
+            self.prototypes_initialized = True
 
     # ------------------------------------------------------------------------------------------
     # Forward and loss

@@ -18,7 +18,10 @@ logger = logging.getLogger(__name__)
 
 
 class PrototypeInitPlugin(SupervisedPlugin):
-    """Calls ``learner.init_prototypes`` with the frozen image features of each training experience.
+    """Calls ``learner.init_prototypes`` with the frozen image features of a training experience.
+
+    Experiences whose class set already has prototypes (``learner.prototypes_initialized``) are
+    skipped, so resumed runs and repeated class sets keep their trained rows.
 
     The pass reads ``strategy.experience.dataset`` as it is, so its training transforms
     (random crops and flips) apply, as in BIP's reference, which runs the train loader once.
@@ -35,9 +38,10 @@ class PrototypeInitPlugin(SupervisedPlugin):
         learner = strategy.model
         if not hasattr(learner, "init_prototypes"):
             return
-        if getattr(strategy, "start_epoch", 0) > 0:
-            # Resumed mid-experience: the restored prototypes have already trained.
-            logger.info("prototype initialization skipped: training resumes after epoch %d", strategy.start_epoch)
+        if getattr(learner, "prototypes_initialized", False):
+            # Already set for this class set: by an earlier pass, or restored from a checkpoint
+            # when a run resumes, so the trained rows are kept.
+            logger.info("prototype initialization skipped: the current class set already has prototypes")
             return
         dataset = strategy.experience.dataset
         loader = DataLoader(

@@ -176,9 +176,10 @@ def test_prototype_plugin_uses_frozen_features(learner):
         eval_mb_size=4,
         device=torch.device("cpu"),
         train_config=SimpleNamespace(num_workers=0),
-        start_epoch=0,
     )
+    assert not learner.prototypes_initialized
     PrototypeInitPlugin().before_training_exp(strategy)
+    assert learner.prototypes_initialized
     expected = torch.zeros(5, 64)
     with torch.no_grad():
         features = F.normalize(learner.backbone.encode_image(images), dim=-1)
@@ -187,6 +188,42 @@ def test_prototype_plugin_uses_frozen_features(learner):
         torch.testing.assert_close(learner.prototypes[label], expected[label])
     assert [type(p) for p in prototype_plugins(learner)] == [PrototypeInitPlugin]
     assert prototype_plugins(build_learner("tcp", learner.backbone)) == []
+
+
+def test_prototype_plugin_skips_initialized_class_set(learner):
+    images, labels = base_batch(6)
+    learner.init_prototypes(torch.randn(5, 64), torch.arange(5))
+    initialized = learner.prototypes.detach().clone()
+    strategy = SimpleNamespace(
+        model=learner,
+        experience=SimpleNamespace(dataset=torch.utils.data.TensorDataset(images, labels)),
+        eval_mb_size=4,
+        device=torch.device("cpu"),
+        train_config=SimpleNamespace(num_workers=0),
+    )
+    PrototypeInitPlugin().before_training_exp(strategy)
+    assert torch.equal(learner.prototypes, initialized)
+
+
+def test_prototypes_initialized_follows_class_set(learner, tmp_path):
+    assert not learner.prototypes_initialized
+    learner.init_prototypes(torch.randn(5, 64), torch.arange(5))
+    assert learner.prototypes_initialized
+    path = save_checkpoint(tmp_path / "bip.pt", learner)
+
+    learner.set_classnames(NOVEL_3)
+    assert not learner.prototypes_initialized
+    learner.set_classnames(BASE)
+    assert learner.prototypes_initialized
+
+    same_size = build_learner("bip", learner.backbone)
+    same_size.set_classnames(BASE)
+    load_checkpoint(path, same_size)
+    assert same_size.prototypes_initialized
+    other_size = build_learner("bip", learner.backbone)
+    other_size.set_classnames(NOVEL_3)
+    load_checkpoint(path, other_size)
+    assert not other_size.prototypes_initialized
 
 
 def test_bip_checkpoint_round_trip_and_novel_switch(learner, tmp_path):
