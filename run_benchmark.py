@@ -246,6 +246,48 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_continual_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common_arguments(parser, dataset=False)
+    parser.add_argument("--stream", choices=("datasets", "mtil", "class-incremental", "base-novel"), default="datasets", help="task sequence: one task per dataset (task identity known), the 11 MTIL tasks, the classes of one dataset in steps, or its base then novel classes (default: datasets)")
+    parser.add_argument("--datasets", nargs="+", default=["all"], help="datasets stream: dataset names in training order, comma- or space-separated, or 'all' for the 11 CoOp datasets (default: all)")
+    parser.add_argument("--dataset", default=None, help="class-incremental and base-novel streams: the dataset whose classes are split")
+    parser.add_argument("--order", type=int, choices=(1, 2), default=1, help="mtil: Order I or II; datasets: 1 as listed, 2 reversed (default: 1)")
+    parser.add_argument("--classes-per-step", type=int, default=None, help="class-incremental: classes per step; leftover classes join the last step")
+    parser.add_argument("--initial-classes", type=int, default=None, help="class-incremental: classes of the first step (default: --classes-per-step)")
+    parser.add_argument("--class-order-seed", type=int, default=1993, help="class-incremental: seed of the class order, numpy RandomState permutation (default: 1993)")
+    parser.add_argument("--label-order", action="store_true", help="class-incremental: keep the label order instead of the seeded class order")
+    parser.add_argument("--train-classes", choices=("current", "seen"), default="current", help="class-incremental: train each step on its own classes or on all classes seen so far (default: current)")
+    parser.add_argument("--plugins", nargs="+", default=[], help="continual plugins, comma- or space-separated: gpa, separate_prompts, kg, src, lwf, ewc, replay; options with --set NAME.FIELD=VALUE (default: none)")
+
+
+def _run_continual(args: argparse.Namespace) -> int:
+    from benchmarks.continual import StreamSpec
+    from benchmarks.continual_report import write_continual_summary
+    from plugins.registry import split_plugin_overrides
+    from strategies.continual import PROTOCOL, continual_settings, run_continual
+
+    if args.resume:
+        raise ValueError("continual runs cannot resume; rerun without --resume (complete runs are skipped)")
+    shared, plugin_pairs = split_plugin_overrides([pair for group in args.overrides for pair in group])
+    # The stream names the data, so the RunSettings carry the default dataset as a placeholder.
+    base = _settings_list(argparse.Namespace(**{**vars(args), "dataset": [DEFAULT_DATASET], "overrides": [shared]}))
+    datasets = tuple(args.datasets) if args.stream == "datasets" else ((args.dataset,) if args.dataset else ())
+    stream = StreamSpec(
+        kind=args.stream,
+        datasets=datasets,
+        order=args.order,
+        classes_per_step=args.classes_per_step,
+        initial_classes=args.initial_classes,
+        class_order_seed=None if args.label_order else args.class_order_seed,
+        train_classes=args.train_classes,
+    )
+    settings = continual_settings(base, stream, args.plugins, plugin_pairs)
+    status = run_sweep(PROTOCOL, settings, run_continual, args.force)
+    paths = write_continual_summary(args.output_dir)
+    logger.info("summary: %s", ", ".join(str(p) for p in paths))
+    return status
+
+
 PROTOCOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "base2novel": (
         "train on the base half of the classes, evaluate base and novel (HM)",
@@ -266,6 +308,11 @@ PROTOCOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Calla
         "train on ImageNet, evaluate on ImageNet-V2, -Sketch, -A and -R",
         functools.partial(_add_transfer_arguments, targets_help="ImageNet variants to evaluate on, or 'all' (default: imagenetv2 imagenet_sketch imagenet_a imagenet_r)"),
         functools.partial(_run_transfer, protocol="domain-generalization"),
+    ),
+    "continual": (
+        "train on a sequence of tasks; report the accuracy matrix, Transfer/Avg/Last, forgetting and BWT",
+        _add_continual_arguments,
+        _run_continual,
     ),
     "report": (
         "rebuild the summaries of every protocol under RUNS_DIR and plot them as PNG files",

@@ -168,6 +168,7 @@ class PromptStrategy(SupervisedTemplate):
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
         self._resume_state: dict[str, Any] | None = None
+        self._optimizer_restored = False
         device = torch.device(device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp-fp16")
         all_plugins: list[SupervisedPlugin] = [EpochLRPlugin(), *(plugins or []), self.accuracy]
@@ -199,6 +200,20 @@ class PromptStrategy(SupervisedTemplate):
             self.optimizer = build_optimizer(params, self.train_config)
         self.optimized_param_id = {id(p): p for p in params}
 
+    def check_model_and_optimizer(self, reset_optimizer_state: bool = False, **kwargs) -> None:
+        # Avalanche calls make_optimizer(reset_optimizer_state=False) at every experience
+        # boundary, so TrainConfig.reset_optimizer decides here. A state restored by
+        # restore_training_state is kept for the experience it was saved in.
+        reset = (reset_optimizer_state or self.train_config.reset_optimizer) and not self._optimizer_restored
+        self._optimizer_restored = False
+        super().check_model_and_optimizer(reset_optimizer_state=reset, **kwargs)
+
+    def reset_optimizer(self) -> None:
+        """Rebuild the optimizer over the current trainable parameters, dropping its state."""
+        params = self.model.trainable_parameters()
+        self.optimizer = build_optimizer(params, self.train_config)
+        self.optimized_param_id = {id(p): p for p in params}
+
     # ------------------------------------------------------------------------------------------
     # Forward, loss, backward
 
@@ -226,6 +241,16 @@ class PromptStrategy(SupervisedTemplate):
         """Add a named term to the current step's loss (for regularizer plugins in before_backward)."""
         self._terms[name] = value
         self.loss = self.loss + value
+
+    def note_loss_term(self, name: str, value: torch.Tensor | float) -> None:
+        """Record a term that a plugin already added to ``self.loss`` (Avalanche's EWC adds in place)."""
+        self._terms[name] = torch.as_tensor(value).detach()
+
+    def replace_loss_term(self, name: str, value: torch.Tensor) -> None:
+        """Swap a term of the current step's loss for ``value`` (e.g. a masked cross-entropy)."""
+        previous = self._terms.get(name)
+        self.loss = self.loss + value if previous is None else self.loss - previous + value
+        self._terms[name] = value
 
     def backward(self):
         if not torch.isfinite(self.loss).all():
@@ -317,6 +342,7 @@ class PromptStrategy(SupervisedTemplate):
         load_checkpoint(payload, self.model)
         self.make_optimizer()
         self.optimizer.load_state_dict(payload["optimizer"])
+        self._optimizer_restored = True
         self.scaler.load_state_dict(payload["scaler"])
         self.history = list(payload["history"])
         self.global_step = int(payload["global_step"])

@@ -1,0 +1,152 @@
+"""Bad input, interruption and numerical faults: clear errors, nothing lost, resumable runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import run_benchmark
+from learners.io import write_json
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("base_accuracy", "novel_accuracy", "harmonic_mean", "trainable_params", "num_train_images")
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    from benchmarks import build_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    build_digits(root)
+    return root
+
+
+def _args(root, out, *extra):
+    return [
+        "base2novel", "--model", "toy-clip", "--pretrained", "none", "--data-root", str(root),
+        "--cache-dir", str(out / "cache"), "--output-dir", str(out / "runs"), "--no-progress", "--shots", "4",
+        *extra,
+    ]
+
+
+def _results(out) -> dict:
+    return json.loads((out / "runs/base2novel/digits/coop/seed1/results.json").read_text())
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_metrics(digits_root, tmp_path):
+    for name in ("a", "b"):
+        assert run_benchmark.main(_args(digits_root, tmp_path / name, "--epochs", "2", "--batch-size", "4")) == 0
+    first, second = _results(tmp_path / "a"), _results(tmp_path / "b")
+    assert {k: first[k] for k in METRICS} == {k: second[k] for k in METRICS}
+    assert [e["loss"] for e in first["epochs"]] == [e["loss"] for e in second["epochs"]]
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_step_terms_and_precision(digits_root, tmp_path, caplog):
+    # Epoch 1 runs at the warmup LR (1e-5); epoch 2 at 1e30 drives the context to inf.
+    status = run_benchmark.main(_args(digits_root, tmp_path, "--epochs", "3", "--batch-size", "4", "--set", "train.lr=1e30"))
+    assert status == 2
+    message = caplog.text
+    assert "non-finite loss" in message
+    assert "at epoch 2, step" in message
+    assert "terms: ce=" in message
+    assert "precision fp32" in message
+    last = tmp_path / "runs/base2novel/digits/coop/seed1/last.pt"
+    assert f"the last good checkpoint is kept at {last}" in message
+    assert last.is_file()
+    assert not (last.parent / "results.json").exists()
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before {path} appeared: {process.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_run_killed_mid_epoch_resumes_to_the_same_result(digits_root, tmp_path):
+    extra = ("--epochs", "4", "--batch-size", "1")
+    assert run_benchmark.main(_args(digits_root, tmp_path / "reference", *extra)) == 0
+    reference = _results(tmp_path / "reference")
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "run_benchmark.py"), *_args(digits_root, out, *extra)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = out / "runs/base2novel/digits/coop/seed1/last.pt"
+    _wait_for(checkpoint, process, timeout=600)
+    time.sleep(0.3)  # into the next epoch: 20 steps of batch 1 per epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert checkpoint.is_file()
+    assert not (checkpoint.parent / "results.json").exists()
+    assert not list(checkpoint.parent.glob(".*.tmp"))
+
+    assert run_benchmark.main([*_args(digits_root, out, *extra), "--resume"]) == 0
+    resumed = _results(out)
+    assert {k: resumed[k] for k in METRICS} == {k: reference[k] for k in METRICS}
+    assert [e["loss"] for e in resumed["epochs"]] == pytest.approx([e["loss"] for e in reference["epochs"]], rel=0, abs=0)
+
+
+@pytest.mark.slow
+def test_unreadable_image_raises_with_path_or_is_skipped_and_counted(tmp_path, caplog):
+    from benchmarks import build_digits
+
+    root = tmp_path / "data"
+    dataset_dir = build_digits(root)
+    split = json.loads((dataset_dir / "split_zhou_Digits.json").read_text())
+    broken = dataset_dir / "images" / split["test"][0][0]
+    broken.write_bytes(b"\x89PNG truncated")
+
+    assert run_benchmark.main(_args(root, tmp_path / "raise", "--epochs", "0")) == 2
+    assert str(broken) in caplog.text
+
+    assert run_benchmark.main(_args(root, tmp_path / "skip", "--epochs", "0", "--on-bad-image", "skip")) == 0
+    results = _results(tmp_path / "skip")
+    assert results["skipped_images"] == 1
+    assert results["skipped_image_paths"] == [str(broken)]
+
+
+def test_missing_data_root_and_dataset_folder_name_the_path_and_layout(tmp_path, caplog):
+    def run(root):
+        return run_benchmark.main(
+            ["base2novel", "--dataset", "eurosat", "--model", "toy-clip", "--pretrained", "none",
+             "--data-root", str(root), "--output-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
+        )
+
+    missing = tmp_path / "nowhere"
+    assert run(missing) == 2
+    assert f"Data root {missing} is missing" in caplog.text
+    assert "eurosat/2750/<class>/<image>" in caplog.text
+    caplog.clear()
+    (tmp_path / "data").mkdir()
+    assert run(tmp_path / "data") == 2
+    assert str(tmp_path / "data" / "eurosat") in caplog.text
+    assert "split_zhou_EuroSAT.json" in caplog.text
+
+
+def test_atomic_json_write_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "results.json"
+    write_json(path, {"complete": True})
+
+    class Unserializable:
+        pass
+
+    with pytest.raises(TypeError):
+        write_json(path, {"complete": False, "bad": Unserializable()})
+    assert json.loads(path.read_text()) == {"complete": True}
+    assert not list(tmp_path.glob(".*.tmp"))
