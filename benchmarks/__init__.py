@@ -22,6 +22,7 @@ from benchmarks.imagelist import ImageListDataset
 from benchmarks.protocols import base2novel_splits
 from benchmarks.splits import subsample_classes
 from benchmarks.transforms import CLIP_MEAN, CLIP_STD, build_transform
+from benchmarks import torchvision_formats  # noqa: E402,F401  registers cifar100 and mnist  isort: skip
 
 __all__ = [
     "CLIP_MEAN",

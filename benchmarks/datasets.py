@@ -247,7 +247,8 @@ def list_datasets(include_test_only: bool = True) -> list[str]:
             (the four ImageNet variants).
 
     Returns:
-        The standard 11 first, then the ImageNet variants (if included), then "digits".
+        The standard 11 first, then the ImageNet variants (if included), then "digits", then
+        "cifar100" and "mnist" (registered by `benchmarks.torchvision_formats`).
     """
     return [name for name, info in DATASETS.items() if include_test_only or not info.test_only]
 

@@ -50,6 +50,8 @@ EXPECTED_FOLDERS = {
     "imagenet_a": "imagenet-adversarial",
     "imagenet_r": "imagenet-rendition",
     "digits": "digits",
+    "cifar100": "cifar-100-python",
+    "mnist": "MNIST",
 }
 
 TEST_ONLY = {"imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"}

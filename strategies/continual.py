@@ -1,0 +1,347 @@
+"""The continual protocol: train one learner on a stream of tasks and fill its accuracy matrix.
+
+Flow of one run::
+
+    build the stream (benchmarks.continual) and its Avalanche benchmark
+    evaluate every task before training                -> zero-shot row of the matrix
+    for each task:
+        strategy.train(experience)                     -> ClassSetPlugin sets the task's classes;
+                                                          regularizer/LwF/EWC/replay plugins act
+        evaluate the stream's test sets for this point -> one row; ClassSetPlugin sets the classes
+                                                          of every evaluated test set
+        checkpoint (plain state dict) and partial results.json
+    metrics from the matrix, heatmap PNG, results.json
+
+The metrics are computed from per-task accuracies by ``plugins.continual_metrics`` and logged
+through Avalanche's ``EvaluationPlugin`` to a text log, CSV files and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from avalanche.logging import CSVLogger, TensorboardLogger, TextLogger
+from avalanche.training.plugins import EvaluationPlugin
+
+from benchmarks.continual import ContinualStream, StreamSpec
+from benchmarks.continual_report import plot_accuracy_matrix
+from learners import get_method
+from learners.checkpoint import save_checkpoint
+from learners.config import config_to_dict
+from learners.io import save_torch, write_json
+from plugins.class_sets import ClassSetPlugin, to_class_set
+from plugins.continual_metrics import ContinualAccuracyMatrix, summarize_matrix
+from plugins.registry import PluginContext, build_plugins, parse_plugin_overrides, plugin_names
+from plugins.separate_prompts import SeparatePromptsPlugin
+
+from .experiment import (
+    RESULTS_SCHEMA,
+    RunSettings,
+    get_backbone,
+    peak_memory,
+    resolve_configs,
+    run_dir,
+    seed_everything,
+    training_plugins,
+)
+from .prompt_strategy import PromptStrategy
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = "continual"
+
+
+@dataclass(frozen=True)
+class ContinualSettings:
+    """One continual run: the shared run settings, the stream and the plugins.
+
+    ``run.dataset`` is unused; the stream names the data. The properties give ``run_sweep`` and
+    ``run_dir`` the folder ``OUTPUT/continual/<stream label>/<method>[+plugins]/seed<S>``.
+
+    Attributes:
+        plugin_overrides: ``--set`` values per plugin name.
+    """
+
+    run: RunSettings
+    stream: StreamSpec
+    plugins: tuple[str, ...] = ()
+    plugin_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        """Method label with its plugins, e.g. ``coop+ewc``."""
+        return "+".join((self.run.method, *self.plugins))
+
+    @property
+    def dataset(self) -> str:
+        """Stream label, e.g. ``mtil-order1-full``."""
+        return self.stream.label(self.run.shots)
+
+    @property
+    def seed(self) -> int:
+        return self.run.seed
+
+    @property
+    def shots(self) -> int | None:
+        return self.run.shots
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+
+def _finite(value: Any) -> Any:
+    """NaN -> None, recursively, so results.json stays strict JSON."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _row_labels(stream: ContinualStream, rows: int) -> list[str]:
+    return ["zero-shot"] + [f"after {i + 1}: {stream.tasks[i].name}" for i in range(rows - 1)]
+
+
+class _Loggers:
+    """Avalanche's text, CSV and TensorBoard loggers writing into the run folder."""
+
+    def __init__(self, out: Path) -> None:
+        self.text_file = open(out / "log.txt", "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.loggers = [TextLogger(self.text_file), CSVLogger(str(out / "csv")), TensorboardLogger(str(out / "tensorboard"))]
+
+    def close(self) -> None:
+        for avalanche_logger in self.loggers:
+            close = getattr(avalanche_logger, "close", None)
+            if callable(close):
+                close()
+        self.text_file.close()
+
+
+def run_continual(settings: ContinualSettings) -> dict[str, Any]:
+    """Train ``settings.run.method`` on the stream with the plugins, writing ``results.json``."""
+    run = settings.run
+    out = run_dir(settings, PROTOCOL)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(run.seed)
+    spec = get_method(run.method)
+    method_config, train_config = resolve_configs(run, "", run.shots)
+    stream = settings.stream.build(
+        run.resolved_data_root(), shots=run.shots, seed=run.seed, cache_dir=run.resolved_cache_dir() / "fewshot"
+    )
+    backbone = get_backbone(run)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    seed_everything(run.seed)
+    learner = spec.learner_class(backbone, method_config).to(run.device)
+    learner.set_classnames(to_class_set(stream.tasks[0].train_classes))
+    benchmark = stream.build_benchmark(backbone.image_size, run.on_bad_image)
+    own_plugins = training_plugins(learner, method_config)
+    if "gpa" in settings.plugins and any(type(p).__name__ == "GaussianPromptAggregationPlugin" for p in own_plugins):
+        raise ValueError(f"{run.method} already aggregates its prompts with GPA (gpa_mean); drop 'gpa' from --plugins")
+    extra_plugins, plugin_configs = build_plugins(
+        settings.plugins, PluginContext(stream, train_config.epochs), settings.plugin_overrides
+    )
+    class_plugin = ClassSetPlugin(stream)
+    metric = ContinualAccuracyMatrix(len(stream), stream.task_aware)
+    loggers = _Loggers(out)
+    try:
+        strategy = PromptStrategy(
+            learner=learner,
+            train_config=train_config,
+            device=run.device,
+            precision=run.precision,
+            plugins=[class_plugin, *own_plugins, *extra_plugins],
+            evaluator=EvaluationPlugin(metric, loggers=loggers.loggers),
+            checkpoint_dir=None,
+            progress=run.progress,
+        )
+        results = _train_and_evaluate(settings, stream, benchmark, learner, strategy, class_plugin, metric, out,
+                                      method_config, train_config, plugin_configs, extra_plugins)
+    finally:
+        loggers.close()
+    return results
+
+
+def _train_and_evaluate(settings, stream, benchmark, learner, strategy, class_plugin, metric, out,
+                        method_config, train_config, plugin_configs, extra_plugins) -> dict[str, Any]:
+    run = settings.run
+    scenario = benchmark.scenario
+    timing = {"train_seconds": 0.0, "eval_seconds": 0.0, "eval_images": 0, "epochs": 0}
+
+    def evaluate(point: int) -> None:
+        class_plugin.point = metric.point = point
+        columns = stream.eval_columns(point)
+        start = time.perf_counter()
+        strategy.eval([scenario.test_stream[j] for j in columns], num_workers=train_config.num_workers)
+        timing["eval_seconds"] += time.perf_counter() - start
+        timing["eval_images"] += sum(len(stream.tasks[j].test) for j in columns)
+
+    trainable = train_config.epochs > 0 and learner.num_trainable_parameters() > 0
+    if not trainable:
+        logger.info("%s has nothing to train (epochs %d); every row evaluates the initial prompts",
+                    run.method, train_config.epochs)
+    evaluate(0)
+    task_history: list[list[dict[str, Any]]] = []
+    for index, experience in enumerate(scenario.train_stream):
+        task = stream.tasks[index]
+        logger.info("task %d/%d: %s (%d classes, %d training images)", index + 1, len(stream), task.name,
+                    len(task.train_classes.classnames), len(task.train))
+        first_record = len(strategy.history)
+        if trainable:
+            start = time.perf_counter()
+            strategy.train(experience, num_workers=train_config.num_workers,
+                           drop_last=len(task.train) >= train_config.batch_size)
+            timing["train_seconds"] += time.perf_counter() - start
+        records = strategy.epoch_history()[first_record:]
+        timing["epochs"] += len(records)
+        task_history.append(records)
+        learner.set_classnames(to_class_set(task.train_classes))
+        if not any(isinstance(p, SeparatePromptsPlugin) for p in extra_plugins):
+            save_checkpoint(out / "checkpoints" / f"after_task{index + 1}.pt", learner, task=index, stream=stream.label)
+        evaluate(index + 1)
+        write_json(out / "results.json", _results(settings, stream, benchmark, learner, metric, method_config,
+                                                  train_config, plugin_configs, task_history, timing, complete=False))
+
+    learner.set_classnames(to_class_set(stream.tasks[-1].train_classes))
+    separate = [p for p in extra_plugins if isinstance(p, SeparatePromptsPlugin)]
+    if separate:
+        save_torch(out / "prompts_per_task.pt", {"schema": 1, "stream": stream.label, "states": separate[0].state_dict()})
+    else:
+        save_checkpoint(out / "model.pt", learner, stream=stream.label, seed=run.seed)
+    results = _results(settings, stream, benchmark, learner, metric, method_config, train_config, plugin_configs,
+                       task_history, timing, complete=True)
+    rows = len(results["accuracy_matrix"])
+    plot_accuracy_matrix(
+        results["accuracy_matrix"], results["accuracy_matrix_rows"], stream.task_names, out / "accuracy_matrix.png",
+        title=f"{settings.method} on {stream.label} (seed {run.seed})",
+    )
+    write_json(out / "results.json", results)
+    logger.info(
+        "%s %s seed %d: Avg %s Last %s Transfer %s forgetting %s BWT %s (%d rows) -> %s",
+        settings.method, stream.label, run.seed, *(_fmt(results.get(k)) for k in ("avg", "last", "transfer", "forgetting", "bwt")),
+        rows, out / "results.json",
+    )
+    return results
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _results(settings, stream: ContinualStream, benchmark, learner, metric: ContinualAccuracyMatrix, method_config,
+             train_config, plugin_configs, task_history, timing, complete: bool) -> dict[str, Any]:
+    run = settings.run
+    matrix = metric.matrix()
+    summary = summarize_matrix(matrix, metric.correct, metric.total, stream.task_aware)
+    memory, memory_kind = peak_memory()
+    skipped = benchmark.skipped_images()
+    last_records = [r for records in task_history for r in records]
+    results = {
+        "schema": RESULTS_SCHEMA,
+        "complete": complete,
+        "protocol": PROTOCOL,
+        "method": run.method,
+        "plugins": list(settings.plugins),
+        "method_label": settings.method,
+        "dataset": stream.label,
+        "stream": stream.kind,
+        "order": stream.order,
+        "task_aware": stream.task_aware,
+        "split_convention": stream.split_convention,
+        "class_order": list(stream.class_order) if stream.class_order is not None else None,
+        "seed": run.seed,
+        "shots": run.shots,
+        "model": run.model,
+        "pretrained": run.pretrained,
+        "precision": run.precision,
+        "tasks": [
+            {
+                "name": task.name,
+                "dataset": task.dataset,
+                "num_classes": len(task.classes.classnames),
+                "num_train_classes": len(task.train_classes.classnames),
+                "num_train_images": len(task.train),
+                "num_test_images": len(task.test),
+            }
+            for task in stream.tasks
+        ],
+        "accuracy_matrix": matrix,
+        "accuracy_matrix_rows": _row_labels(stream, len(matrix)),
+        "accuracy_matrix_columns": stream.task_names,
+        "correct_matrix": metric.correct,
+        "total_matrix": metric.total,
+        "avg": summary.get("avg"),
+        "last": summary.get("last"),
+        "transfer": summary.get("transfer"),
+        "forgetting": summary.get("forgetting"),
+        "bwt": summary.get("bwt"),
+        "forgetting_per_task": summary.get("forgetting_per_task", []),
+        "bwt_per_task": summary.get("bwt_per_task", []),
+        "step_accuracy": summary.get("step_accuracy"),
+        "zero_shot_mean": summary.get("zero_shot_mean"),
+        "zero_shot_transfer": summary.get("zero_shot_transfer"),
+        "metric_definitions": {
+            "accuracy_matrix": "row 0: before training; row r: after task r; column j: test set of task j, top-1 %",
+            "avg": "task-aware: mean over tasks of the column mean over the trained rows (MTIL Avg); "
+                   "class-incremental: mean of the step accuracies",
+            "last": "task-aware: mean of the last row (MTIL Last); class-incremental: last step accuracy",
+            "transfer": "mean over tasks j >= 2 of the mean of rows 1..j-1 in column j (MTIL Transfer)",
+            "forgetting": "mean over tasks j < T of max(rows j..T-1 of column j) - row T (Chaudhry)",
+            "bwt": "mean over tasks j < T of row T - row j of column j (GEM)",
+        },
+        "trainable_params": learner.num_trainable_parameters(),
+        "train_seconds": timing["train_seconds"],
+        "train_seconds_per_epoch": timing["train_seconds"] / timing["epochs"] if timing["epochs"] else 0.0,
+        "eval_seconds": timing["eval_seconds"],
+        "eval_images_per_second": timing["eval_images"] / max(timing["eval_seconds"], 1e-9),
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+        "skipped_images": len(skipped),
+        "skipped_image_paths": skipped[:100],
+        "loss_terms": last_records[-1] if last_records else {},
+        "epochs": task_history,
+        "config": {
+            "method": config_to_dict(method_config),
+            "train": config_to_dict(train_config),
+            "plugins": {name: config_to_dict(config) for name, config in plugin_configs.items()},
+            "stream": config_to_dict(settings.stream),
+            "run": {
+                "data_root": str(run.resolved_data_root()),
+                "device": run.device,
+                "precision": run.precision,
+                "shots": run.shots,
+                "seed": run.seed,
+                "model": run.model,
+                "pretrained": run.pretrained,
+            },
+        },
+        "torch_version": torch.__version__,
+    }
+    return _finite(results)
+
+
+def continual_settings(base: list[RunSettings], stream: StreamSpec, plugins: list[str],
+                       plugin_pairs: list[str]) -> list[ContinualSettings]:
+    """Wrap each run of ``base`` (method x shots x seed) in a :class:`ContinualSettings` on ``stream``.
+
+    Raises:
+        ValueError: an unknown dataset or plugin, or invalid plugin options.
+    """
+    from benchmarks.datasets import dataset_info
+
+    if stream.kind != "mtil":
+        for name in stream.datasets:
+            dataset_info(name)
+    names = plugin_names(plugins)
+    overrides = parse_plugin_overrides(plugin_pairs, names)
+    return [ContinualSettings(run=run, stream=stream, plugins=tuple(names), plugin_overrides=overrides) for run in base]
