@@ -14,7 +14,7 @@ from .config import TrainConfig, build_optimizer, lr_at_epoch, parse_overrides
 from .registry import MethodSpec, get_method, list_methods, register_method
 
 # Method modules: imported explicitly so the registry is complete.
-from . import bip, cocoop, coop, kgcoop, plot, plotpp, tcp, zeroshot  # noqa: E402,F401  isort: skip
+from . import bip, cocoop, coop, coprompt, ivlp, kgcoop, maple, plot, plotpp, promptsrc, tcp, zeroshot  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "ClassSet",

@@ -27,6 +27,7 @@ from learners import ClassSet, ClipBackbone, PromptLearner, TrainConfig, get_met
 from learners.checkpoint import save_checkpoint
 from learners.config import config_to_dict
 from learners.io import write_json
+from plugins.gpa import gpa_plugins
 from plugins.prototypes import prototype_plugins
 
 from .pretrain import DIGITS_MODEL, DIGITS_TAG, default_cache_dir, ensure_digits_weights
@@ -120,6 +121,12 @@ def resolve_configs(settings: RunSettings, dataset: str, shots: int | None = Non
     return method_config, dataclasses.replace(spec.train_defaults, **train_values)
 
 
+def training_plugins(learner: PromptLearner, method_config: Any) -> list:
+    """Plugins that a learner or its config requests: prototype init (BIP), Gaussian prompt
+    aggregation (configs with ``gpa_mean``, PromptSRC)."""
+    return [*prototype_plugins(learner), *gpa_plugins(method_config)]
+
+
 def run_dir(settings: RunSettings, protocol: str) -> Path:
     """``OUTPUT/PROTOCOL/DATASET/METHOD[/shotsK]/seedS``; only few-shot runs have a shots level."""
     root = Path(settings.output_dir) / protocol / settings.dataset / settings.method
@@ -193,7 +200,7 @@ def run_base2novel(settings: RunSettings) -> dict[str, Any]:
         precision=settings.precision,
         checkpoint_dir=out,
         progress=settings.progress,
-        plugins=prototype_plugins(learner),
+        plugins=training_plugins(learner, method_config),
     )
     last = out / "last.pt"
     if settings.resume and last.is_file():
