@@ -268,6 +268,8 @@ def _run_continual(args: argparse.Namespace) -> int:
 
     if args.resume:
         raise ValueError("continual runs cannot resume; rerun without --resume (complete runs are skipped)")
+    if args.dataset is not None and args.stream in ("datasets", "mtil"):
+        raise ValueError(f"--dataset is for the class-incremental and base-novel streams; the {args.stream} stream takes --datasets or none")
     shared, plugin_pairs = split_plugin_overrides([pair for group in args.overrides for pair in group])
     # The stream names the data, so the RunSettings carry the default dataset as a placeholder.
     base = _settings_list(argparse.Namespace(**{**vars(args), "dataset": [DEFAULT_DATASET], "overrides": [shared]}))

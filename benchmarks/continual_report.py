@@ -131,6 +131,18 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def _zero_shot_row(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean over seeds of the row before training, by dataset name (task-aware streams only)."""
+    by_dataset: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        if not run.get("task_aware") or not run.get("accuracy_matrix"):
+            continue
+        for task, value in zip(run["tasks"], run["accuracy_matrix"][0]):
+            if _number(value) is not None:
+                by_dataset[task["dataset"]].append(float(value))
+    return {name: statistics.fmean(values) for name, values in by_dataset.items()}
+
+
 def summarize_continual(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Rows per (stream, method with plugins): means and standard deviations over seeds."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -154,6 +166,7 @@ def summarize_continual(results: list[dict[str, Any]]) -> dict[str, Any]:
         for cost in COST_FIELDS:
             values = [v for v in (_number(r.get(cost)) for r in runs) if v is not None]
             row[cost] = statistics.fmean(values) if values else None
+        row["zero_shot_row"] = _zero_shot_row(runs)
         rows.append(row)
     published = {}
     for row in rows:
@@ -201,12 +214,25 @@ def to_markdown(summary: dict[str, Any]) -> str:
         lines += ["", "This harness uses the CoOp split_zhou test lists for the nine CoOp datasets and "
                   "one hand-crafted template per dataset, so compare zero-shot rows first; the numbers "
                   "are only comparable for --model ViT-B-16 --pretrained openai.", ""]
+        lines += _zero_shot_table(stream, [row for row in summary["rows"] if row["stream"] == stream])
     return "\n".join(lines) + "\n"
+
+
+def _zero_shot_table(stream: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown table of each method's row before training next to ZSCL's zero-shot CLIP."""
+    names = list(MTIL_ZERO_SHOT_VITB16)
+    lines = [f"### Row before training on {stream}, per dataset", "",
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+             "| zero-shot CLIP ViT-B/16 (ZSCL notebook) | " + " | ".join(f"{MTIL_ZERO_SHOT_VITB16[n]:.1f}" for n in names) + " |"]
+    for row in rows:
+        values = row.get("zero_shot_row", {})
+        lines.append(f"| {row['method']} | " + " | ".join(_format(values.get(n), 1) for n in names) + " |")
+    return [*lines, ""]
 
 
 def to_csv(summary: dict[str, Any]) -> str:
     rows = summary["rows"]
-    fields = [key for key in (rows[0] if rows else {}) if not isinstance(rows[0][key], list)]
+    fields = [key for key in (rows[0] if rows else {}) if not isinstance(rows[0][key], (list, dict))]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
