@@ -15,7 +15,8 @@ classes:
   own classes (the base-to-novel split of the CoOp protocols, learned in sequence).
 
 Evaluation point 0 is the model before any training (the zero-shot row). Point p >= 1 follows the
-training of task p - 1.
+training of task p - 1. In ``class-incremental`` streams point 0 scores only the first step's test
+set, on the first step's classes, and point p the steps 1..p on the union of their classes.
 
 Split convention of ``mtil``: the CoOp ``split_zhou`` train and test lists for the nine CoOp
 datasets (the convention of DIKI and RAIL; Caltech101 then has 100 classes) and the official

@@ -30,18 +30,18 @@ def data_root(tmp_path_factory) -> Path:
 
 def test_two_task_run_through_cli(data_root: Path, tmp_path: Path) -> None:
     argv = [
-        "continual", "--method", "coop", "--stream", "datasets", "--datasets", "eurosat,dtd", "--plugins", "ewc",
+        "continual", "--method", "coop", "--stream", "datasets", "--datasets", "eurosat,dtd", "--plugins", "kg,ewc",
         "--set", "ewc.ewc_lambda=10", "--model", "toy-clip", "--pretrained", "none", "--epochs", "1",
         "--batch-size", "4", "--shots", "2", "--data-root", str(data_root), "--cache-dir", str(tmp_path / "cache"),
         "--output-dir", str(tmp_path / "runs"), "--no-progress", "--log-level", "WARNING",
     ]
     assert run_benchmark.main(argv) == 0
-    run = tmp_path / "runs" / "continual" / "datasets-eurosat+dtd-order1-2shot" / "coop+ewc" / "seed1"
+    run = tmp_path / "runs" / "continual" / "datasets-eurosat+dtd-order1-2shot" / "coop+kg+ewc" / "seed1"
     results = json.loads((run / "results.json").read_text())
     summary = summarize_matrix(results["accuracy_matrix"])
 
     assert results["complete"] and results["protocol"] == "continual"
-    assert results["plugins"] == ["ewc"]
+    assert results["plugins"] == ["kg", "ewc"]
     assert results["accuracy_matrix_rows"] == ["zero-shot", "after 1: eurosat", "after 2: dtd"]
     assert results["accuracy_matrix_columns"] == ["eurosat", "dtd"]
     assert [len(row) for row in results["accuracy_matrix"]] == [2, 2, 2]
@@ -51,6 +51,7 @@ def test_two_task_run_through_cli(data_root: Path, tmp_path: Path) -> None:
     assert results["total_matrix"] == [[5, 5]] * 3
     assert results["config"]["plugins"]["ewc"]["ewc_lambda"] == 10
     assert "ewc" in results["epochs"][1][0]
+    assert results["epochs"][0][0]["plugin_kg"] > 0
     for key in ("trainable_params", "train_seconds_per_epoch", "eval_images_per_second", "peak_memory_bytes"):
         assert results[key] > 0
     assert (run / "accuracy_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -64,19 +65,28 @@ def test_two_task_run_through_cli(data_root: Path, tmp_path: Path) -> None:
     checkpoint = torch.load(run / "checkpoints" / "after_task1.pt", weights_only=True)
     assert set(checkpoint["state_dict"]) == {"ctx"}
     summary_md = (tmp_path / "runs" / "continual" / "summary.md").read_text()
-    assert "| datasets-eurosat+dtd-order1-2shot | coop+ewc | 1 |" in summary_md
+    assert "| datasets-eurosat+dtd-order1-2shot | coop+kg+ewc | 1 |" in summary_md
 
     written = (run / "results.json").stat().st_mtime_ns
     assert run_benchmark.main(argv) == 0
     assert (run / "results.json").stat().st_mtime_ns == written
 
 
-def test_cli_rejects_bad_continual_options(data_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--plugins", "lwf,separate_prompts"], "cannot be combined"),
+        (["--stream", "class-incremental", "--dataset", "dtd"], "needs --classes-per-step"),
+        (["--set", "lwf.alpha=2"], "does not select"),
+        (["--resume"], "cannot resume"),
+        (["--stream", "mtil", "--dataset", "dtd"], "--dataset is for"),
+    ],
+)
+def test_cli_rejects_bad_options(data_root: Path, tmp_path: Path, caplog, options: list[str], message: str) -> None:
     common = ["--model", "toy-clip", "--pretrained", "none", "--data-root", str(data_root), "--output-dir", str(tmp_path)]
-    assert run_benchmark.main(["continual", "--plugins", "lwf,separate_prompts", *common]) == 2
-    assert run_benchmark.main(["continual", "--stream", "class-incremental", "--dataset", "dtd", *common]) == 2
-    assert run_benchmark.main(["continual", "--set", "lwf.alpha=2", *common]) == 2
-    assert run_benchmark.main(["continual", "--resume", *common]) == 2
+
+    assert run_benchmark.main(["continual", *options, *common]) == 2
+    assert message in caplog.text
 
 
 def test_class_incremental_zero_shot_run(data_root: Path, tmp_path: Path) -> None:
