@@ -68,7 +68,9 @@ def make_learner(method: str):
 
 def train(learner, plugins, checkpoint_dir=None, resume_from=None):
     config = TrainConfig(epochs=3, batch_size=4, lr=0.05, warmup_epochs=0)
-    strategy = PromptStrategy(learner, config, plugins=plugins, checkpoint_dir=checkpoint_dir, progress=False)
+    strategy = PromptStrategy(
+        learner=learner, train_config=config, plugins=plugins, checkpoint_dir=checkpoint_dir, progress=False
+    )
     if resume_from is not None:
         strategy.restore_training_state(resume_from)
     images, labels = base_batch(8)
