@@ -116,6 +116,7 @@ class PromptReplayPlugin(ReplayPlugin):
             names.extend(space.classnames)
         own = self.stream.tasks[current].train_classes
         strategy.model.set_classnames(to_class_set(LabelSpace(tuple(names), own.template, own.dataset)))
+        strategy.make_optimizer()  # rebuilt only if the class set changed the trainable parameters
         self.offsets, self.sizes = offsets.to(strategy.device), sizes.to(strategy.device)
         logger.info("replay: task %d trains on %d classes with replayed tasks %s", current, len(names), replayed)
 

@@ -20,10 +20,11 @@ def to_class_set(space: LabelSpace) -> ClassSet:
 class ClassSetPlugin(SupervisedPlugin):
     """Registers the classes of every experience on the learner, for training and for evaluation.
 
-    ``before_training_exp`` sets the training classes of the experience. ``before_eval_exp`` sets
-    the classes that the stream scores the evaluated test set on at evaluation point
-    :attr:`point`, which the runner sets before each ``strategy.eval`` call. A learner rebuilds
-    its class buffers only when the class set changes.
+    ``before_train_dataset_adaptation`` sets the training classes of the experience. It runs
+    before Avalanche builds the optimizer, so a learner whose parameters depend on the class set
+    is optimized over the right ones. ``before_eval_exp`` sets the classes that the stream scores
+    the evaluated test set on at evaluation point :attr:`point`, which the runner sets before each
+    ``strategy.eval`` call. A learner rebuilds its class buffers only when the class set changes.
 
     Put this plugin before every plugin that reads ``learner.classes`` in the same callback.
 
@@ -36,7 +37,7 @@ class ClassSetPlugin(SupervisedPlugin):
         self.stream = stream
         self.point = 0
 
-    def before_training_exp(self, strategy, *args, **kwargs) -> None:
+    def before_train_dataset_adaptation(self, strategy, *args, **kwargs) -> None:
         task = strategy.experience.current_experience
         strategy.model.set_classnames(to_class_set(self.stream.tasks[task].train_classes))
 

@@ -120,9 +120,10 @@ class _Loggers:
 
     def close(self) -> None:
         for avalanche_logger in self.loggers:
-            close = getattr(avalanche_logger, "close", None)
-            if callable(close):
-                close()
+            # CSVLogger has close(); TensorboardLogger only closes its writer at exit.
+            closable = getattr(avalanche_logger, "writer", avalanche_logger)
+            if callable(getattr(closable, "close", None)):
+                closable.close()
         self.text_file.close()
 
 
