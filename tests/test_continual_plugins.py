@@ -4,7 +4,6 @@ separate prompts, the regularizers, the metric plugin and the plugin registry.""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
