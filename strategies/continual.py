@@ -128,12 +128,18 @@ class _Loggers:
 
 
 def run_continual(settings: ContinualSettings) -> dict[str, Any]:
-    """Train ``settings.run.method`` on the stream with the plugins, writing ``results.json``."""
+    """Train ``settings.run.method`` on the stream with the plugins, writing ``results.json``.
+
+    NOTE: a stopped run starts again from the first task. The per-task checkpoints hold the
+    prompts only, not the plugins' state (EWC importances, LwF copy, replay buffer).
+    """
     run = settings.run
     out = run_dir(settings, PROTOCOL)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(run.seed)
     spec = get_method(run.method)
+    # NOTE: one method and train config serves every task, so per-dataset overrides (CoOp's 50
+    # ImageNet epochs, CoPrompt's per-dataset table) are not applied in continual runs.
     method_config, train_config = resolve_configs(run, "", run.shots)
     stream = settings.stream.build(
         run.resolved_data_root(), shots=run.shots, seed=run.seed, cache_dir=run.resolved_cache_dir() / "fewshot"
