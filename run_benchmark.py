@@ -290,6 +290,73 @@ def _run_continual(args: argparse.Namespace) -> int:
     return status
 
 
+FEDERATED_PARTITIONS = ("dirichlet", "fedotp", "fedtpg", "multidomain", "base2novel")
+
+
+def _add_federated_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common_arguments(parser, shots=False)
+    parser.add_argument("--shots", type=int, default=None, help="training images per class per client; 0 uses every image (default: the partition's published protocol)")
+    parser.add_argument("--partition", choices=FEDERATED_PARTITIONS, default="dirichlet", help="dirichlet: Dir(alpha) label skew; fedotp: FedOTP's shuffled disjoint class blocks; fedtpg: FedTPG's label-order chunks; multidomain: one dataset per client; base2novel: clients hold base classes only, the global prompt is scored on base and novel (default: dirichlet)")
+    parser.add_argument("--base-scheme", choices=("fedtpg", "fedotp", "dirichlet"), default="fedtpg", help="base2novel: how the base classes are split among clients (default: fedtpg, FedTPG's cross-class protocol)")
+    parser.add_argument("--clients", type=int, default=None, help="clients per dataset for dirichlet and fedotp splits (default: the protocol's, 10); fedtpg and multidomain derive the count")
+    parser.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration; smaller is more skewed (default: 0.3, PromptFolio)")
+    parser.add_argument("--classes-per-client", type=int, default=None, help="fedtpg: classes per client (default: 20)")
+    parser.add_argument("--class-seed", type=int, default=2023, help="fedotp: seed of the class shuffle, the same for every run seed (default: 2023, FedOTP's)")
+    parser.add_argument("--rounds", type=int, default=None, help="communication rounds (default: the protocol's)")
+    parser.add_argument("--local-epochs", type=int, default=None, help="epochs each sampled client trains per round (default: the protocol's)")
+    parser.add_argument("--fraction", type=float, default=None, help="fraction of clients sampled for training per round (default: 1.0)")
+    parser.add_argument("--fraction-evaluate", type=float, default=1.0, help="fraction of clients that report personalized accuracy per round; 0 skips it (default: 1.0)")
+    parser.add_argument("--lr", type=float, default=None, help="client SGD learning rate (default: the protocol's)")
+    parser.add_argument("--client-classes", choices=("own", "all"), default=None, help="score a client's images over its own classes or all classes of its dataset (default: own for fedtpg and base2novel, else all)")
+    parser.add_argument("--strategy", default="fedavg", help="Flower strategy: fedavg, fedprox, fedavgm, fedadagrad, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum, multikrum, bulyan, qfedavg (default: fedavg)")
+    parser.add_argument("--strategy-option", dest="strategy_options", action="append", nargs="+", default=[], metavar="KEY=VALUE", help="constructor argument of the strategy, e.g. proximal_mu=0.01 or eta=0.01")
+    parser.add_argument("--failure-tolerance", type=float, default=0.5, help="largest fraction of sampled clients that may fail in a round that is still aggregated (default: 0.5)")
+    parser.add_argument("--round-timeout", type=float, default=86400.0, help="seconds the server waits for a round's replies (default: 86400)")
+    parser.add_argument("--eval-every", type=int, default=1, help="evaluate the global prompt on the server every N rounds; the last round always (default: 1)")
+    parser.add_argument("--backend", choices=("ray", "inprocess"), default="ray", help="ray: Flower's Simulation Runtime; inprocess: fallback that runs the clients one by one in this process (default: ray)")
+    parser.add_argument("--client-cpus", type=int, default=2, help="Ray CPUs per client; each client running at the same time loads its own backbone copy (default: 2)")
+    parser.add_argument("--client-gpus", type=float, default=0.0, help="Ray GPU share per client, for scheduling only (default: 0)")
+    parser.add_argument("--ray-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    parser.add_argument("--ray-object-store-mb", type=int, default=256, help="Ray object store size in MiB (default: 256)")
+
+
+def _run_federated(args: argparse.Namespace) -> int:
+    from strategies.federated import PROTOCOL, FederatedSettings, results_path
+    from strategies.fl_apps import SimulationOptions, run_federated
+
+    if args.epochs is not None:
+        raise ValueError("federated runs train --local-epochs per round for --rounds rounds; --epochs does not apply")
+    if args.resume:
+        raise ValueError("federated runs cannot resume; rerun without --resume (complete runs are skipped)")
+    # Flower logs through its own console handler; propagating would print every line twice.
+    logging.getLogger("flwr").propagate = False
+    simulation = SimulationOptions(backend=args.backend, client_cpus=args.client_cpus, client_gpus=args.client_gpus, ray_cpus=args.ray_cpus, object_store_mb=args.ray_object_store_mb)
+    # Validates the methods, datasets and --set pairs; one entry per (method, dataset, seed).
+    base = _settings_list(argparse.Namespace(**{**vars(args), "shots": 0}))
+    datasets = list(dict.fromkeys(s.dataset for s in base))
+    federations = [tuple(datasets)] if args.partition in ("multidomain", "base2novel") else [(d,) for d in datasets]
+    overrides = " ".join(pair for group in args.overrides for pair in group)
+    strategy_options = " ".join(pair for group in args.strategy_options for pair in group)
+    settings = [
+        FederatedSettings(
+            method=method, datasets=federation, partition=args.partition, base_scheme=args.base_scheme,
+            clients=args.clients, alpha=args.alpha, classes_per_client=args.classes_per_client, class_seed=args.class_seed,
+            shots=args.shots, rounds=args.rounds, local_epochs=args.local_epochs, fraction=args.fraction,
+            fraction_evaluate=args.fraction_evaluate, batch_size=args.batch_size, lr=args.lr, client_classes=args.client_classes,
+            strategy=args.strategy, strategy_options=strategy_options, failure_tolerance=args.failure_tolerance,
+            round_timeout=args.round_timeout, eval_every=args.eval_every, overrides=overrides, seed=seed,
+            model=args.model, pretrained=args.pretrained, device=base[0].device, precision=args.precision,
+            data_root=str(args.data_root or ""), cache_dir=str(args.cache_dir or ""), output_dir=str(args.output_dir),
+            on_bad_image=args.on_bad_image,
+        )
+        for method in dict.fromkeys(s.method for s in base)
+        for federation in federations
+        for seed in args.seeds
+    ]
+    run = functools.partial(run_federated, simulation=simulation)
+    return run_sweep(PROTOCOL, settings, run, args.force, is_complete=lambda setting, _: _is_complete(results_path(setting)))
+
+
 PROTOCOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "base2novel": (
         "train on the base half of the classes, evaluate base and novel (HM)",
@@ -316,6 +383,11 @@ PROTOCOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Calla
         _add_continual_arguments,
         _run_continual,
     ),
+    "federated": (
+        "federated prompt learning on Flower: clients train on their partition, a Flower strategy aggregates the global prompt",
+        _add_federated_arguments,
+        _run_federated,
+    ),
     "report": (
         "rebuild the summaries of every protocol under RUNS_DIR and plot them as PNG files",
         _add_report_arguments,
@@ -340,8 +412,19 @@ def configure_logging(level: str) -> None:
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR")
     logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("root", "PIL", "matplotlib", "urllib3"):
+    for noisy in ("PIL", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_open_clip_root_messages)
+
+
+def _quiet_open_clip_root_messages(record: logging.LogRecord) -> bool:
+    """Drop open_clip's root-logger notices below ERROR.
+
+    open_clip logs through the root logger; its "No pretrained weights loaded" warning is
+    misleading here because the adapter loads local weight files itself after building the model.
+    """
+    return not (record.name == "root" and "open_clip" in record.pathname and record.levelno < logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -356,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*No loggers specified.*")
     try:
         return PROTOCOLS[args.protocol][2](args)
-    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as error:
+    except (ValueError, OSError, NotImplementedError, RuntimeError, FloatingPointError) as error:
         logger.error("%s", error)
         logger.debug("traceback", exc_info=True)
         return 2

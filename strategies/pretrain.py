@@ -50,7 +50,7 @@ def digits_weights_path(cache_dir: str | os.PathLike | None = None) -> Path:
 def ensure_digits_weights(
     data_root: str | os.PathLike,
     cache_dir: str | os.PathLike | None = None,
-    epochs: int = 40,
+    epochs: int = 20,
     seed: int = 0,
 ) -> Path:
     """Return the cached ``toy-clip`` digits weights, pre-training them first if missing."""
@@ -64,13 +64,13 @@ def ensure_digits_weights(
 
 
 def pretrain_on_digits(
-    data_root: str | os.PathLike, epochs: int = 40, seed: int = 0, lr: float = 2e-3, batch_size: int = 64
+    data_root: str | os.PathLike, epochs: int = 20, seed: int = 0, lr: float = 1e-3, batch_size: int = 32
 ) -> dict[str, torch.Tensor]:
     """Contrastive image-caption training of a random ``toy-clip`` on the digits train split.
 
-    Each image is paired with a caption drawn from :data:`CAPTION_TEMPLATES` and its class name;
-    images of the same class are all positives of a caption (multi-positive InfoNCE), in both
-    directions.
+    Each image is paired with a caption made from a template drawn from
+    :data:`CAPTION_TEMPLATES` and its class name; all captions of the image's class are positives
+    (multi-positive InfoNCE, in both directions, as CLIP's symmetric loss).
     """
     rng_state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
     torch.manual_seed(seed)
@@ -98,6 +98,7 @@ def pretrain_on_digits(
                 index = order[step * batch_size : (step + 1) * batch_size]
                 batch = _augment(images[index], generator)
                 batch_labels = labels[index]
+                # One caption per image, from a random template: (B,) captions.
                 captions = [
                     CAPTION_TEMPLATES[int(torch.randint(len(CAPTION_TEMPLATES), (1,), generator=generator))].format(names[y])
                     for y in batch_labels.tolist()
@@ -106,6 +107,7 @@ def pretrain_on_digits(
                 text = backbone.encode_text_tokens(backbone.token_embedding(ids), backbone.eot_index(ids), normalize=True)
                 image = backbone.encode_image(batch, normalize=True)
                 logits = model.logit_scale.exp() * image @ text.t()  # (B, B)
+                # Every caption of the image's class is a positive, in both directions.
                 positives = (batch_labels[:, None] == batch_labels[None, :]).float()
                 targets = positives / positives.sum(dim=1, keepdim=True)
                 loss = 0.5 * (
