@@ -194,8 +194,8 @@ def run_base2novel(settings: RunSettings) -> dict[str, Any]:
     novel_test = ImageListDataset(novel.test, novel.image_root, build_transform(size, train=False), on_error=settings.on_bad_image)
 
     strategy = PromptStrategy(
-        learner,
-        train_config,
+        learner=learner,
+        train_config=train_config,
         device=settings.device,
         precision=settings.precision,
         checkpoint_dir=out,

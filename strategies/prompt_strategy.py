@@ -142,9 +142,9 @@ class PromptStrategy(SupervisedTemplate):
 
     def __init__(
         self,
+        *,
         learner: PromptLearner,
         train_config: TrainConfig,
-        *,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         plugins: Sequence[SupervisedPlugin] | None = None,
@@ -254,13 +254,14 @@ class PromptStrategy(SupervisedTemplate):
 
     def backward(self):
         if not torch.isfinite(self.loss).all():
-            terms = ", ".join(f"{k}={float(v):.6g}" for k, v in self._terms.items())
+            terms = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in self._terms.items())
             last = self.checkpoint_dir / "last.pt" if self.checkpoint_dir is not None else None
             kept = f"; the last good checkpoint is kept at {last}" if last is not None and last.exists() else ""
             raise NonFiniteLossError(
-                f"non-finite loss {float(self.loss)} at epoch {self.epoch + 1}, step {self.global_step} "
+                f"non-finite loss {float(self.loss.detach())} at epoch {self.epoch + 1}, step {self.global_step} "
                 f"(terms: {terms}; precision {self.precision}, lr {self.current_lr:.3g}){kept}. "
-                "Lower the learning rate, use --precision fp32, or check the inputs"
+                + ("Lower the learning rate or check the inputs" if self.precision == "fp32"
+                   else "Lower the learning rate, use --precision fp32, or check the inputs")
             )
         self.scaler.scale(self.loss).backward(retain_graph=self.retain_graph)
 
@@ -283,8 +284,8 @@ class PromptStrategy(SupervisedTemplate):
         self.global_step += 1
         self._term_count += 1
         for name, value in self._terms.items():
-            self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value)
-        self._term_sums["loss"] = self._term_sums.get("loss", 0.0) + float(self.loss)
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value.detach())
+        self._term_sums["loss"] = self._term_sums.get("loss", 0.0) + float(self.loss.detach())
         super()._after_training_iteration(**kwargs)
 
     def _after_training_epoch(self, **kwargs):

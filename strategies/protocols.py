@@ -144,8 +144,8 @@ def train_learner(settings: RunSettings, splits: DatasetSplits, out: Path, shots
         splits.train, splits.image_root, build_transform(backbone.image_size, train=True), on_error=settings.on_bad_image
     )
     strategy = PromptStrategy(
-        learner,
-        train_config,
+        learner=learner,
+        train_config=train_config,
         device=settings.device,
         precision=settings.precision,
         checkpoint_dir=out,
