@@ -440,14 +440,23 @@ def results_path(settings: FederatedSettings) -> Path:
 
 
 def run_dir(plan: FederatedPlan, num_clients: int) -> Path:
-    """``OUTPUT/federated/DATASETS/METHOD/PARTITION[-BASE][-aALPHA]-cN-STRATEGY/seedS``."""
+    """``OUTPUT/federated/DATASETS/METHOD/TAG/seedS``.
+
+    TAG is ``PARTITION[-BASE][-aALPHA]-cN[-fFRACTION]-STRATEGY-sSHOTS-rROUNDSeEPOCHS``, so runs
+    that differ in these settings never count as each other's complete results. Other settings
+    (``--lr``, ``--set``) are not in the name.
+    """
     settings = plan.settings
     tag = settings.partition
     if settings.partition == "base2novel":
         tag += f"-{settings.base_scheme}"
     if plan.partition.split_scheme == "dirichlet":
         tag += f"-a{plan.partition.alpha:g}"
-    tag += f"-c{num_clients}-{settings.strategy}"
+    tag += f"-c{num_clients}"
+    if plan.fraction < 1:
+        tag += f"-f{plan.fraction:g}"
+    shots = plan.partition.shots if plan.partition.shots is not None else "all"
+    tag += f"-{settings.strategy}-s{shots}-r{plan.rounds}e{plan.local_epochs}"
     return Path(settings.output_dir) / PROTOCOL / settings.dataset / settings.method / tag / f"seed{settings.seed}"
 
 
@@ -627,6 +636,8 @@ def local_train(plan: FederatedPlan, partition: FederatedPartition, client_id: i
     plugins = []
     if proximal_mu > 0:
         plugins.append(ProximalTermPlugin(proximal_mu, {k: v for k, v in global_state.items()}))
+    # NOTE: the optimizer (SGD momentum) starts fresh every round; its state is not kept between
+    # a client's rounds.
     strategy = _strategy(plan, learner, plugins)
     strategy.start_epoch = (server_round - 1) * plan.local_epochs
     strategy.train_epochs = plan.local_epochs

@@ -401,7 +401,7 @@ def test_inprocess_run_reports_failed_client(fake_root, tmp_path, monkeypatch):
         "--data-root", str(fake_root), "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "runs"),
     ])
     assert status == 0
-    run = tmp_path / "runs/federated/caltech101/coop/base2novel-dirichlet-a1-c3-fedavg/seed1"
+    run = tmp_path / "runs/federated/caltech101/coop/base2novel-dirichlet-a1-c3-fedavg-s2-r2e1/seed1"
     results = json.loads((run / "results.json").read_text())
 
     assert results["complete"] is True

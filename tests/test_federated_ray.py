@@ -93,7 +93,7 @@ def test_ray_simulation_on_digits(tmp_path):
     assert process.returncode == 0, output[-4000:]
     assert leftovers == {}, f"processes left running after the simulation: {leftovers}"
 
-    run = tmp_path / "runs/federated/digits/coop/dirichlet-a0.5-c3-fedavg/seed1"
+    run = tmp_path / "runs/federated/digits/coop/dirichlet-a0.5-c3-fedavg-s1-r2e1/seed1"
     results = json.loads((run / "results.json").read_text())
     assert results["complete"] is True
     assert results["backend"] == "ray"
