@@ -50,6 +50,15 @@ def _add_common_arguments(parser: argparse.ArgumentParser, dataset: bool = True,
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
 
 
+def _add_feature_cache_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--feature-cache", choices=("on", "off"), default=None, help="cache frozen image features on disk (under --cache-dir) for methods whose image tower has no prompt; off encodes the images in every pass (default: on; same as --set feature_cache=true)")
+
+
+def _add_base2novel_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common_arguments(parser)
+    _add_feature_cache_argument(parser)
+
+
 def _expand(values: Sequence[str], everything: Sequence[str], kind: str) -> list[str]:
     names: list[str] = []
     for value in values:
@@ -100,6 +109,8 @@ def _settings_list(args: argparse.Namespace) -> list[Any]:
     for method in methods:
         spec = get_method(method)
         overrides = parse_overrides(pairs, {"method": spec.config_class, "train": TrainConfig}) if pairs else {"method": {}, "train": {}}
+        if getattr(args, "feature_cache", None) is not None:
+            overrides["train"]["feature_cache"] = args.feature_cache == "on"
         for dataset in datasets:
             for shots, seed in itertools.product(shot_counts, args.seeds):
                 settings.append(
@@ -187,11 +198,13 @@ def _run_base2novel(args: argparse.Namespace) -> int:
 
 def _add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common_arguments(parser, shots=False)
+    _add_feature_cache_argument(parser)
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="shot counts, one run per count; 0 uses the full training split (default: 1 2 4 8 16)")
 
 
 def _add_transfer_arguments(parser: argparse.ArgumentParser, targets_help: str) -> None:
     _add_common_arguments(parser, dataset=False)
+    _add_feature_cache_argument(parser)
     parser.add_argument("--source", "--dataset", dest="dataset", nargs="+", default=["imagenet"], help="dataset(s) to train on, with all classes; one run per source (default: imagenet)")
     parser.add_argument("--targets", nargs="+", default=None, help=targets_help)
 
@@ -360,7 +373,7 @@ def _run_federated(args: argparse.Namespace) -> int:
 PROTOCOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "base2novel": (
         "train on the base half of the classes, evaluate base and novel (HM)",
-        _add_common_arguments,
+        _add_base2novel_arguments,
         _run_base2novel,
     ),
     "fewshot": (

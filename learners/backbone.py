@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +78,32 @@ def replace_tokens(x: Tensor, replacement: TokenReplacement) -> Tensor:
     return torch.cat([x[:, :start], tokens, x[:, start + m :]], dim=1)  # (N, L, D)
 
 
-def _slice_replacement(replacement: TokenReplacement, rows: slice) -> TokenReplacement:
+def _slice_replacement(replacement: TokenReplacement, rows: Tensor) -> TokenReplacement:
     if replacement.tokens.dim() == 2:
         return replacement
     return TokenReplacement(replacement.tokens[rows], replacement.start, replacement.weight)
+
+
+@dataclass(frozen=True)
+class TextMemoryOptions:
+    """Defaults that bound the memory of text-tower passes (see :meth:`ClipBackbone.text_memory`).
+
+    Attributes:
+        chunk_size: encode at most this many sequences per pass; a method's own smaller
+            ``chunk_size`` argument wins. None leaves chunking to the method.
+        checkpoint: recompute each text block's activations in the backward pass instead of
+            keeping them (``torch.utils.checkpoint``), whenever gradients flow into the tower.
+        truncate: False runs every pass over all L token positions, ignoring the methods'
+            ``truncate`` argument; only for measuring what truncation saves (bench_speed.py).
+    """
+
+    chunk_size: int | None = None
+    checkpoint: bool = False
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"text chunk size must be >= 1 or None, got {self.chunk_size!r}")
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -130,6 +154,7 @@ class ClipBackbone:
         self.text_eos_id = getattr(self._text, "text_eos_id", None) or getattr(self._text, "eos_id", None)
         self.visual = model.visual
         self.is_vit = isinstance(self.visual, open_clip.transformer.VisionTransformer)
+        self.text_memory_options = TextMemoryOptions()
 
     # ----------------------------------------------------------------------------------------
     # Sizes and devices
@@ -210,6 +235,27 @@ class ClipBackbone:
             return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
         raise NotImplementedError(f"text pool type {self.text_pool_type!r} is not supported")
 
+    @contextmanager
+    def text_memory(
+        self, chunk_size: int | None = None, checkpoint: bool = False, truncate: bool = True
+    ) -> Iterator[TextMemoryOptions]:
+        """Bound the memory of every text-tower pass inside the ``with`` block.
+
+        The training loop enters this around each forward, so every method's text path gets the
+        same bound without a config field of its own.
+
+        Args:
+            chunk_size: encode at most this many sequences per pass (None: the method decides).
+            checkpoint: recompute block activations in the backward pass instead of storing them.
+            truncate: False turns truncation off for every pass (see :class:`TextMemoryOptions`).
+        """
+        previous = self.text_memory_options
+        self.text_memory_options = TextMemoryOptions(chunk_size, checkpoint, truncate)
+        try:
+            yield self.text_memory_options
+        finally:
+            self.text_memory_options = previous
+
     def encode_text_tokens(
         self,
         embeddings: Tensor,
@@ -218,6 +264,7 @@ class ClipBackbone:
         truncate: bool = True,
         chunk_size: int | None = None,
         normalize: bool = False,
+        checkpoint: bool | None = None,
     ) -> Tensor:
         """Encode token embeddings to joint-space text features.
 
@@ -228,25 +275,49 @@ class ClipBackbone:
             truncate: run the transformer only up to the longest pooled position. The mask is
                 causal, so positions after it cannot change the pooled token: this is exact.
             chunk_size: encode at most this many sequences at once, bounding activation memory.
+                The smaller of this and the :meth:`text_memory` chunk size applies. With
+                ``truncate``, chunks are formed from sequences of similar length, so each chunk
+                is truncated to its own longest pooled position.
             normalize: L2-normalize the output.
+            checkpoint: recompute each block in the backward pass (``torch.utils.checkpoint``)
+                instead of storing its activations; None follows :meth:`text_memory`. Only
+                takes effect when gradients flow into the tower.
 
         Returns:
             ``(K, E)`` text features.
         """
+        options = self.text_memory_options
+        if options.chunk_size is not None:
+            chunk_size = options.chunk_size if chunk_size is None else min(chunk_size, options.chunk_size)
+        if checkpoint is None:
+            checkpoint = options.checkpoint
+        truncate = truncate and options.truncate
         k = embeddings.shape[0]
-        if chunk_size is not None and chunk_size > 0 and k > chunk_size:
-            parts = []
-            for begin in range(0, k, chunk_size):
-                rows = slice(begin, begin + chunk_size)
-                part_deep = {i: _slice_replacement(r, rows) for i, r in (deep or {}).items()}
-                parts.append(
-                    self.encode_text_tokens(
-                        embeddings[rows], eot_index[rows], part_deep, truncate, None, normalize
-                    )
-                )
-            return torch.cat(parts, dim=0)  # (K, E)
+        if chunk_size is None or chunk_size <= 0 or k <= chunk_size:
+            return self._encode_text_chunk(embeddings, eot_index, deep, truncate, normalize, checkpoint)
 
+        # Shortest sequences first: with truncation each chunk stops at its own longest pooled
+        # position, which saves most of the work when a few class names are long.
+        order = torch.argsort(eot_index, stable=True) if truncate else torch.arange(k, device=eot_index.device)
+        parts = []
+        for begin in range(0, k, chunk_size):
+            rows = order[begin : begin + chunk_size]
+            part_deep = {i: _slice_replacement(r, rows) for i, r in (deep or {}).items()}
+            parts.append(self._encode_text_chunk(embeddings[rows], eot_index[rows], part_deep, truncate, normalize, checkpoint))
+        features = torch.cat(parts, dim=0)  # (K, E), sorted order
+        return features[torch.argsort(order)]  # (K, E)
+
+    def _encode_text_chunk(
+        self,
+        embeddings: Tensor,
+        eot_index: Tensor,
+        deep: Mapping[int, TokenReplacement] | None,
+        truncate: bool,
+        normalize: bool,
+        checkpoint: bool,
+    ) -> Tensor:
         text = self._text
+        k = embeddings.shape[0]
         length = embeddings.shape[1]
         if truncate and self.text_pool_type != "last":
             length = int(eot_index.max().item()) + 1
@@ -259,7 +330,12 @@ class ClipBackbone:
         for i, block in enumerate(text.transformer.resblocks):
             if deep and i in deep:
                 x = replace_tokens(x, deep[i])  # (K, L, D)
-            x = block(x, attn_mask=attn_mask)
+            if checkpoint and torch.is_grad_enabled() and x.requires_grad:
+                # Only the block input is kept; the backward pass reruns the block (under the
+                # autocast state of the forward, which torch.utils.checkpoint restores).
+                x = activation_checkpoint(block, x, attn_mask=attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask)
         x = text.ln_final(x)  # (K, L, D)
         x = x[torch.arange(k, device=x.device), eot_index]  # (K, D)
         projection = text.text_projection

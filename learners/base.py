@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,16 +61,27 @@ class PromptLearner(nn.Module):
     Subclasses implement :meth:`_build_class_buffers` (called by :meth:`set_classnames`) and
     :meth:`forward`; methods with extra loss terms override :meth:`loss_terms`.
 
+    Methods whose image tower carries no prompt set ``uses_frozen_image_features`` and implement
+    :meth:`forward_features` (and :meth:`loss_terms_features` for extra terms) instead of
+    :meth:`forward`: their input is what :meth:`frozen_image_features` returns, so the training
+    loop can feed features computed once and cached instead of pixels.
+
     Attributes:
         method_name: registry name, set by ``register_method``.
         config_class: the method's config dataclass, set by ``register_method``.
         local_state_prefixes: state-dict key prefixes that stay on a federated client
             (personalized state); every other learnable key is global.
+        uses_frozen_image_features: the learner sees images only through
+            :meth:`frozen_image_features`, so those features can be precomputed.
+        frozen_feature_kind: names what :meth:`frozen_image_features` returns (part of the
+            feature cache key): ``pooled`` for ``(B, E)``, ``pooled+local`` for ``(B, P, E)``.
     """
 
     method_name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
     local_state_prefixes: ClassVar[tuple[str, ...]] = ()
+    uses_frozen_image_features: ClassVar[bool] = False
+    frozen_feature_kind: ClassVar[str] = "pooled"
 
     def __init__(self, backbone: ClipBackbone, config: Any) -> None:
         super().__init__()
@@ -79,6 +91,7 @@ class PromptLearner(nn.Module):
         object.__setattr__(self, "backbone", backbone)
         self.config = config
         self.classes: ClassSet | None = None
+        self._text_memo: dict[Any, Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Contract
@@ -97,6 +110,8 @@ class PromptLearner(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``(B, K)`` over the current class set."""
+        if self.uses_frozen_image_features:
+            return self.forward_features(self.frozen_image_features(images))
         raise NotImplementedError
 
     def loss_terms(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -104,8 +119,63 @@ class PromptLearner(nn.Module):
 
         The training loss is the sum of the terms; results and logs report each one.
         """
+        if self.uses_frozen_image_features:
+            return self.loss_terms_features(self.frozen_image_features(images), labels)
         logits = self(images)
         return logits, {"ce": F.cross_entropy(logits, labels)}
+
+    # ------------------------------------------------------------------------------------------
+    # Precomputed image features (learners with ``uses_frozen_image_features``)
+
+    @torch.no_grad()
+    def frozen_image_features(self, images: Tensor) -> Tensor:
+        """Encode ``(B, 3, H, W)`` images with the frozen, unprompted image tower: ``(B, E)``."""
+        return self.backbone.encode_image(images)
+
+    def forward_features(self, features: Tensor) -> Tensor:
+        """Logits ``(B, K)`` from the output of :meth:`frozen_image_features`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} encodes images with prompts, so it cannot score precomputed image features"
+        )
+
+    def loss_terms_features(self, features: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`loss_terms` from the output of :meth:`frozen_image_features`."""
+        logits = self.forward_features(features)
+        return logits, {"ce": F.cross_entropy(logits, labels)}
+
+    # ------------------------------------------------------------------------------------------
+    # Class text features reused across evaluation batches
+
+    @contextmanager
+    def reuse_text_features(self) -> Iterator[None]:
+        """Compute each class text feature once inside the ``with`` block and reuse it.
+
+        Only for passes that change neither the learnable state nor the class set, such as an
+        evaluation pass: :meth:`memoized_text_features` recomputes nothing until the block ends.
+        Without gradients only, so training steps always see the current parameters.
+        """
+        previous = self._text_memo
+        self._text_memo = {}
+        try:
+            yield
+        finally:
+            self._text_memo = previous
+
+    def memoized_text_features(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
+        """Return ``compute()``, computed once per :meth:`reuse_text_features` block.
+
+        Outside such a block, or with gradients enabled, this simply calls ``compute``. The
+        memo is keyed by ``name``, the class set and the autocast state.
+        """
+        memo = self._text_memo
+        if memo is None or torch.is_grad_enabled():
+            return compute()
+        device_type = self.device.type
+        autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+        key = (name, self.classes, autocast)
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
 
     def on_epoch_end(self, epoch: int, num_epochs: int) -> None:
         """Hook called by the training loop after every epoch (prompt aggregation, schedules)."""

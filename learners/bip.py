@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import TokenReplacement
-from .base import ClassSet
+from .base import ClassSet, PromptLearner
 from .losses import cosine_consistency, knowledge_guided_distance
 from .registry import register_method
 from .tcp import TCP_DATASET_TRAIN_OVERRIDES, TCP_TRAIN_DEFAULTS, TCP, TCPConfig, check_blocks, knowledge_embedding
@@ -118,6 +118,11 @@ class BIP(TCP):
     can average the class-independent state. Averaging P is only meaningful when all clients
     train the same class set.
     """
+
+    # The image tower carries prompts, so the frozen features TCP consumes are not enough.
+    uses_frozen_image_features = False
+    forward_features = PromptLearner.forward_features
+    loss_terms_features = PromptLearner.loss_terms_features
 
     def __init__(self, backbone, config: BIPConfig) -> None:
         super().__init__(backbone, config)

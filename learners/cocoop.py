@@ -74,6 +74,8 @@ class CoCoOp(PromptLearner):
     averaged in federated rounds.
     """
 
+    uses_frozen_image_features = True
+
     def __init__(self, backbone, config: CoCoOpConfig) -> None:
         super().__init__(backbone, config)
         ctx, n_ctx = init_context(backbone, config.n_ctx, config.ctx_init)
@@ -128,12 +130,11 @@ class CoCoOp(PromptLearner):
             parts.append(self.backbone.encode_text_tokens(embeddings, self.eot_index[class_index]))  # (N, E)
         return torch.cat(parts, dim=0).view(n_images, n_classes, -1)  # (B, K, E)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward_features(self, features: Tensor) -> Tensor:
+        """Logits ``(B, K)`` from frozen image features ``(B, E)`` (also the meta-net input)."""
         self.require_classes()
-        with torch.no_grad():
-            image_features = self.backbone.encode_image(images)  # (B, E)
-        text_features = self.conditional_text_features(self.conditioned_context(image_features))  # (B, K, E)
-        image_features = F.normalize(image_features, dim=-1)
+        text_features = self.conditional_text_features(self.conditioned_context(features))  # (B, K, E)
+        image_features = F.normalize(features, dim=-1)
         text_features = F.normalize(text_features, dim=-1)
         logits = torch.einsum("be,bke->bk", image_features.to(text_features.dtype), text_features)  # (B, K)
         return self.backbone.logit_scale * logits

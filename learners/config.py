@@ -38,6 +38,14 @@ class TrainConfig:
     reset_optimizer: bool = True  # rebuild the optimizer state at every new experience
     num_workers: int = 0
     grad_clip: float | None = None
+    # Frozen image features cached on disk by the base-to-novel, few-shot and transfer runs, for
+    # methods whose image tower has no prompt.
+    feature_cache: bool = True  # off: every pass encodes its images (--feature-cache off)
+    train_feature_views: int | None = None  # augmented views cached per training image; None: one per epoch, 0: none
+    feature_cache_max_gb: float = 16.0  # a dataset whose features would exceed this is not cached
+    # Memory bounds of the text tower, for every method.
+    max_text_chunk: int | None = None  # encode at most this many prompts per text-tower pass
+    text_checkpoint: bool = False  # recompute text-block activations in backward instead of storing them
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -50,6 +58,15 @@ class TrainConfig:
             raise ValueError(f"scheduler must be 'cosine' or 'constant', got {self.scheduler!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.train_feature_views is not None and self.train_feature_views < 0:
+            raise ValueError(
+                f"train_feature_views must be >= 0 or None (one view per epoch), got {self.train_feature_views!r}; "
+                "0 turns the training feature cache off"
+            )
+        if self.feature_cache_max_gb <= 0:
+            raise ValueError(f"feature_cache_max_gb must be > 0, got {self.feature_cache_max_gb!r}")
+        if self.max_text_chunk is not None and self.max_text_chunk < 1:
+            raise ValueError(f"max_text_chunk must be >= 1 or None (no limit), got {self.max_text_chunk!r}")
 
 
 def lr_at_epoch(config: TrainConfig, epoch: int) -> float:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .base import ClassSet, PromptLearner
 from .config import TrainConfig
-from .prompts import ClassTokenPosition, assemble_prompts, build_prompt_pieces, phrase_embedding
+from .prompts import ClassTokenPosition, PromptPieces, assemble_prompts, build_prompt_pieces, phrase_embedding
 from .registry import register_method
 
 
@@ -75,6 +75,8 @@ class CoOp(PromptLearner):
     a CSC checkpoint cannot score a different class set.
     """
 
+    uses_frozen_image_features = True
+
     def __init__(self, backbone, config: CoOpConfig) -> None:
         super().__init__(backbone, config)
         self._n_rows: int | None = None
@@ -108,15 +110,16 @@ class CoOp(PromptLearner):
         super().load_learnable_state_dict(state, strict)
 
     def text_features(self) -> Tensor:
-        """Learned class text features ``(K, E)``."""
-        from .prompts import PromptPieces
+        """Learned class text features ``(K, E)``, computed once per step (and once per
+        evaluation pass, see :meth:`reuse_text_features`)."""
+        return self.memoized_text_features("text", self._encode_class_prompts)
 
+    def _encode_class_prompts(self) -> Tensor:
         pieces = PromptPieces(self.token_prefix, self.token_suffix, self.eot_index, self.name_lengths)
         embeddings = assemble_prompts(pieces, self.ctx, self.config.class_token_position)  # (K, L, D)
         return self.backbone.encode_text_tokens(embeddings, self.eot_index, chunk_size=self.config.text_chunk_size)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward_features(self, features: Tensor) -> Tensor:
+        """Logits ``(B, K)`` from frozen image features ``(B, E)``."""
         self.require_classes()
-        with torch.no_grad():
-            image_features = self.backbone.encode_image(images)  # (B, E)
-        return self.cosine_logits(image_features, self.text_features())  # (B, K)
+        return self.cosine_logits(features, self.text_features())  # (B, K)

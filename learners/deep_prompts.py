@@ -204,7 +204,9 @@ class DeepPromptLearner(PromptLearner):
         """Prompted image features ``(B, E)`` and class text features ``(K, E)``, not normalized."""
         self.require_classes()
         tokens = self.prompt_tokens()
-        return self.encode_images(images, tokens), self.encode_text(tokens)
+        # Class prompts do not depend on the images: an evaluation pass encodes them once.
+        text_features = self.memoized_text_features("deep_text", lambda: self.encode_text(tokens))
+        return self.encode_images(images, tokens), text_features
 
     def forward(self, images: Tensor) -> Tensor:
         image_features, text_features = self.features(images)

@@ -64,13 +64,12 @@ class KnowledgeGuidedLoss:
     ``(K, E)`` of the current class set and ``config.kg_weight`` (KgCoOp, TCP).
     """
 
-    def loss_terms(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Compute the logits ``(B, K)`` and the weighted terms ``ce`` and ``kg``."""
+    def loss_terms_features(self, features: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Compute the logits ``(B, K)`` and the weighted terms ``ce`` and ``kg`` from frozen
+        image features ``(B, E)``."""
         self.require_classes()
-        with torch.no_grad():
-            image_features = self.backbone.encode_image(images)  # (B, E)
         text_features = self.text_features()  # (K, E)
-        logits = self.cosine_logits(image_features, text_features)  # (B, K)
+        logits = self.cosine_logits(features, text_features)  # (B, K)
         kg = knowledge_guided_distance(text_features, self.handcrafted_features)
         return logits, {"ce": F.cross_entropy(logits, labels), "kg": self.config.kg_weight * kg}
 

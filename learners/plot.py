@@ -169,6 +169,9 @@ class PLOT(PromptSetLearner):
     is 4,000 prompts, and ``text_chunk_size`` bounds their activation memory.
     """
 
+    uses_frozen_image_features = True
+    frozen_feature_kind = "pooled+local"
+
     def __init__(self, backbone: ClipBackbone, config: PLOTConfig) -> None:
         super().__init__(backbone, config)
         ctx = torch.empty(config.n_prompts, config.n_ctx, backbone.text_width, device=backbone.device)
@@ -179,8 +182,17 @@ class PLOT(PromptSetLearner):
         prompts = [f"{placeholder} {name}." for name in classes.classnames]
         self.set_prompt_pieces(build_prompt_set_pieces(self.backbone, [prompts], self.config.n_ctx, classes.classnames))
 
-    def forward(self, images: Tensor) -> Tensor:
+    @torch.no_grad()
+    def frozen_image_features(self, images: Tensor) -> Tensor:
+        """Global and local features of ``(B, 3, H, W)`` images in one tensor ``(B, P, E)``:
+        position 0 the global feature, then the P-1 local features."""
         global_features, local_features = encode_local_features(self.backbone, images)  # (B, E), (B, P-1, E)
+        return torch.cat([global_features.unsqueeze(1), local_features], dim=1)  # (B, P, E)
+
+    def forward_features(self, features: Tensor) -> Tensor:
+        """Logits ``(B, K)`` from the ``(B, P, E)`` output of :meth:`frozen_image_features`."""
+        self.require_classes()
+        global_features, local_features = features[:, 0], features[:, 1:]  # (B, E), (B, P-1, E)
         text_features = self.text_features()  # (N, K, E)
         logits = self.transport_logits(local_features, text_features)  # (B, K)
         if self.config.add_global_logits:

@@ -106,7 +106,11 @@ class PromptSetLearner(PromptLearner):
         self.eot_index, self.name_lengths = pieces.eot_index, pieces.name_lengths
 
     def text_features(self) -> Tensor:
-        """Text features ``(N, K, E)`` of every prompt set and class, not normalized."""
+        """Text features ``(N, K, E)`` of every prompt set and class, not normalized; computed once
+        per step (and once per evaluation pass, see :meth:`reuse_text_features`)."""
+        return self.memoized_text_features("prompt_sets", self._encode_prompt_sets)
+
+    def _encode_prompt_sets(self) -> Tensor:
         classes = self.require_classes()
         pieces = PromptPieces(self.token_prefix, self.token_suffix, self.eot_index, self.name_lengths)
         position = getattr(self.config, "class_token_position", "end")

@@ -197,6 +197,8 @@ class TCP(KnowledgeGuidedLoss, PromptLearner):
     the context and TKE are class-independent and can be averaged in federated rounds.
     """
 
+    uses_frozen_image_features = True
+
     def __init__(self, backbone, config: TCPConfig) -> None:
         super().__init__(backbone, config)
         check_blocks("text_blocks", config.text_blocks, backbone.text_layers, "text_layers", backbone)
@@ -224,7 +226,11 @@ class TCP(KnowledgeGuidedLoss, PromptLearner):
         return tokens.view(tokens.shape[0], self.n_ctx, -1)  # (K, M, D)
 
     def text_features(self) -> Tensor:
-        """Encode the learned class prompts to unnormalized text features ``(K, E)``."""
+        """Encode the learned class prompts to unnormalized text features ``(K, E)``, once per
+        step (and once per evaluation pass, see :meth:`reuse_text_features`)."""
+        return self.memoized_text_features("text", self._encode_class_prompts)
+
+    def _encode_class_prompts(self) -> Tensor:
         n_classes = self.token_prefix.shape[0]
         ctx = self.ctx.to(self.token_prefix.dtype).unsqueeze(0).expand(n_classes, -1, -1)  # (K, M, D)
         embeddings = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # (K, L, D)
@@ -237,9 +243,8 @@ class TCP(KnowledgeGuidedLoss, PromptLearner):
             embeddings, self.eot_index, deep=deep, chunk_size=self.config.text_chunk_size
         )
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward_features(self, features: Tensor) -> Tensor:
+        """Logits ``(B, K)`` from frozen image features ``(B, E)``."""
         self.require_classes()
-        with torch.no_grad():
-            image_features = self.backbone.encode_image(images)  # (B, E)
-        return self.cosine_logits(image_features, self.text_features())  # (B, K)
+        return self.cosine_logits(features, self.text_features())  # (B, K)
 

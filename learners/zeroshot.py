@@ -44,6 +44,8 @@ class ZeroShotCLIP(PromptLearner):
     Limitations: none; works on every open_clip tower.
     """
 
+    uses_frozen_image_features = True
+
     def __init__(self, backbone, config: ZeroShotConfig) -> None:
         super().__init__(backbone, config)
         self.register_buffer("text_features", torch.empty(0), persistent=False)
@@ -52,7 +54,7 @@ class ZeroShotCLIP(PromptLearner):
         templates = get_ensemble(self.config.ensemble) if self.config.ensemble else None
         self.text_features = self.class_prompt_features(classes, templates)  # (K, E)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward_features(self, features: Tensor) -> Tensor:
+        """Logits ``(B, K)`` from frozen image features ``(B, E)``."""
         self.require_classes()
-        image_features = self.backbone.encode_image(images)  # (B, E)
-        return self.cosine_logits(image_features, self.text_features)  # (B, K)
+        return self.cosine_logits(features, self.text_features)  # (B, K)

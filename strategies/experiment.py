@@ -22,7 +22,6 @@ import torch
 
 from benchmarks import ImageListDataset, build_transform, default_data_root
 from benchmarks.protocols import base2novel_splits
-from benchmarks.streams import make_experience
 from learners import ClassSet, ClipBackbone, PromptLearner, TrainConfig, get_method, load_backbone
 from learners.checkpoint import save_checkpoint
 from learners.config import config_to_dict
@@ -30,6 +29,7 @@ from learners.io import write_json
 from plugins.gpa import gpa_plugins
 from plugins.prototypes import prototype_plugins
 
+from .feature_cache import FeatureCache, eval_experience, train_experience
 from .pretrain import DIGITS_MODEL, DIGITS_TAG, default_cache_dir, ensure_digits_weights
 from .prompt_strategy import PromptStrategy
 
@@ -127,6 +127,11 @@ def training_plugins(learner: PromptLearner, method_config: Any) -> list:
     return [*prototype_plugins(learner), *gpa_plugins(method_config)]
 
 
+def feature_cache(settings: RunSettings, train_config: TrainConfig, backbone: ClipBackbone) -> FeatureCache | None:
+    """The frozen image feature cache of a run under ``CACHE_DIR/features``, or None when off."""
+    return FeatureCache.from_config(settings.resolved_cache_dir() / "features", backbone, train_config, settings.device)
+
+
 def run_dir(settings: RunSettings, protocol: str) -> Path:
     """``OUTPUT/PROTOCOL/DATASET/METHOD[/shotsK]/seedS``; only few-shot runs have a shots level."""
     root = Path(settings.output_dir) / protocol / settings.dataset / settings.method
@@ -151,7 +156,7 @@ def evaluate(strategy: PromptStrategy, learner: PromptLearner, classes: ClassSet
     """Top-1 accuracy (percent) of ``learner`` on ``dataset`` scored over ``classes``."""
     learner.set_classnames(classes)
     start = time.perf_counter()
-    strategy.eval([make_experience(dataset)], num_workers=strategy.train_config.num_workers)
+    eval_experience(strategy, dataset, num_workers=strategy.train_config.num_workers)
     seconds = time.perf_counter() - start
     plugin = strategy.accuracy
     return {
@@ -202,6 +207,7 @@ def run_base2novel(settings: RunSettings) -> dict[str, Any]:
         progress=settings.progress,
         plugins=training_plugins(learner, method_config),
     )
+    strategy.feature_cache = feature_cache(settings, train_config, backbone)
     last = out / "last.pt"
     if settings.resume and last.is_file():
         strategy.restore_training_state(last)
@@ -212,7 +218,9 @@ def run_base2novel(settings: RunSettings) -> dict[str, Any]:
     trained = train_config.epochs > 0 and learner.num_trainable_parameters() > 0
     if trained and strategy.train_epochs > 0:
         start = time.perf_counter()
-        strategy.train(make_experience(train_set), num_workers=train_config.num_workers, drop_last=len(train_set) >= train_config.batch_size)
+        train_experience(
+            strategy, train_set, settings.seed, num_workers=train_config.num_workers, drop_last=len(train_set) >= train_config.batch_size
+        )
         train_seconds = time.perf_counter() - start
 
     base_eval = evaluate(strategy, learner, base_classes, base_test)

@@ -7,7 +7,9 @@ Call tree of one training experience (Avalanche 0.6), with what this strategy ad
       for epoch:
         before_training_epoch      -> EpochLRPlugin sets the Dassl warmup + cosine LR
         for minibatch:
-          forward()                -> learner.loss_terms(x, y) under autocast: logits + named terms
+          forward()                -> learner.loss_terms(x, y) under autocast and the text memory
+                                      bounds: logits + named terms (loss_terms_features(x, y)
+                                      when x holds cached image features)
           criterion()              -> sum of the terms (plugins may add more in before_backward)
           backward()               -> non-finite loss check, GradScaler for amp-fp16
           optimizer_step()
@@ -169,6 +171,9 @@ class PromptStrategy(SupervisedTemplate):
         self._term_count = 0
         self._resume_state: dict[str, Any] | None = None
         self._optimizer_restored = False
+        self.inputs_are_features = False  # mb_x holds frozen image features instead of pixels
+        # A strategies.feature_cache.FeatureCache that the protocol runners set; None reads pixels.
+        self.feature_cache = None
         device = torch.device(device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp-fp16")
         all_plugins: list[SupervisedPlugin] = [EpochLRPlugin(), *(plugins or []), self.accuracy]
@@ -223,14 +228,31 @@ class PromptStrategy(SupervisedTemplate):
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def text_memory(self):
+        """The text-tower memory bounds of the train config (chunk size, checkpointing)."""
+        config = self.train_config
+        return self.model.backbone.text_memory(chunk_size=config.max_text_chunk, checkpoint=config.text_checkpoint)
+
     def forward(self):
-        with self.autocast():
+        # With inputs_are_features, mb_x holds precomputed frozen image features (see
+        # strategies.feature_cache), which only learners with uses_frozen_image_features accept.
+        with self.autocast(), self.text_memory():
             if self.is_training:
-                logits, terms = self.model.loss_terms(self.mb_x, self.mb_y)
+                if self.inputs_are_features:
+                    logits, terms = self.model.loss_terms_features(self.mb_x, self.mb_y)
+                else:
+                    logits, terms = self.model.loss_terms(self.mb_x, self.mb_y)
                 self._terms = dict(terms)
+            elif self.inputs_are_features:
+                logits = self.model.forward_features(self.mb_x)
             else:
                 logits = self.model(self.mb_x)
         return logits.float()
+
+    def eval_epoch(self, **kwargs):
+        # Parameters and class set are fixed during an evaluation pass: encode class prompts once.
+        with self.model.reuse_text_features():
+            super().eval_epoch(**kwargs)
 
     def criterion(self):
         if self.is_training:

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from benchmarks import STANDARD_DATASETS, DatasetSplits, ImageListDataset, build_transform, fewshot_splits, read_dataset
-from benchmarks.streams import make_experience
 from learners import ClassSet, PromptLearner, TrainConfig, get_method
 from learners.checkpoint import save_checkpoint
 from learners.config import config_to_dict
@@ -40,6 +39,7 @@ from .experiment import (
     RESULTS_SCHEMA,
     RunSettings,
     evaluate,
+    feature_cache,
     get_backbone,
     peak_memory,
     resolve_configs,
@@ -47,6 +47,7 @@ from .experiment import (
     seed_everything,
     training_plugins,
 )
+from .feature_cache import train_experience
 from .prompt_strategy import PromptStrategy
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def train_learner(settings: RunSettings, splits: DatasetSplits, out: Path, shots
         progress=settings.progress,
         plugins=training_plugins(learner, method_config),
     )
+    strategy.feature_cache = feature_cache(settings, train_config, backbone)
     last = out / "last.pt"
     if settings.resume and last.is_file():
         strategy.restore_training_state(last)
@@ -161,8 +163,8 @@ def train_learner(settings: RunSettings, splits: DatasetSplits, out: Path, shots
     train_seconds = 0.0
     if train_config.epochs > 0 and learner.num_trainable_parameters() > 0 and strategy.train_epochs > 0:
         start = time.perf_counter()
-        strategy.train(
-            make_experience(train_set), num_workers=train_config.num_workers, drop_last=len(train_set) >= train_config.batch_size
+        train_experience(
+            strategy, train_set, settings.seed, num_workers=train_config.num_workers, drop_last=len(train_set) >= train_config.batch_size
         )
         train_seconds = time.perf_counter() - start
     return TrainedLearner(learner, strategy, classes, method_config, train_config, train_set, train_seconds)
