@@ -440,6 +440,21 @@ def _quiet_open_clip_root_messages(record: logging.LogRecord) -> bool:
     return not (record.name == "root" and "open_clip" in record.pathname and record.levelno < logging.ERROR)
 
 
+def _prepare_builtin_data(args: argparse.Namespace) -> None:
+    """Write the built-in ``digits`` dataset under the data root when a run names it."""
+    named: list[str] = []
+    for field in ("dataset", "datasets", "source", "targets"):
+        value = getattr(args, field, None)
+        if isinstance(value, str):
+            named.append(value)
+        elif isinstance(value, (list, tuple)):
+            named.extend(str(v) for v in value)
+    if any(DEFAULT_DATASET in name.split(",") for name in named):
+        from benchmarks import build_digits, default_data_root
+
+        build_digits(args.data_root if args.data_root is not None else default_data_root())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -451,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="qpsolvers")
     warnings.filterwarnings("ignore", message=".*No loggers specified.*")
     try:
+        _prepare_builtin_data(args)
         return PROTOCOLS[args.protocol][2](args)
     except (ValueError, OSError, NotImplementedError, RuntimeError, FloatingPointError) as error:
         logger.error("%s", error)

@@ -302,6 +302,12 @@ class PromptStrategy(SupervisedTemplate):
         self._term_sums, self._term_count = {}, 0
         super()._before_training_epoch(**kwargs)
 
+    def _after_training_exp(self, **kwargs):
+        # A resume shortens only the experience it was saved in; later experiences run in full.
+        self.start_epoch = 0
+        self.train_epochs = self.total_epochs
+        super()._after_training_exp(**kwargs)
+
     def _after_training_iteration(self, **kwargs):
         self.global_step += 1
         self._term_count += 1

@@ -95,3 +95,14 @@ def test_digits_weights_need_toy_clip(tmp_path, caplog):
     )
     assert status == 2
     assert "--pretrained digits provides weights for --model toy-clip only" in caplog.text
+
+
+def test_digits_dataset_built_on_first_use(tmp_path):
+    data_root = tmp_path / "fresh-data"
+    status = run_benchmark.main(
+        ["base2novel", "--pretrained", "none", "--epochs", "0", "--shots", "1", "--no-progress",
+         "--data-root", str(data_root), "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "runs")]
+    )
+    assert status == 0
+    assert (data_root / "digits" / "split_zhou_Digits.json").is_file()
+    assert (tmp_path / "runs/base2novel/digits/coop/seed1/results.json").is_file()
