@@ -187,7 +187,7 @@ def run_sweep(
 
 def _run_base2novel(args: argparse.Namespace) -> int:
     from benchmarks.summary import write_summary
-    from strategies.experiment import run_base2novel
+    from strategies.protocols import run_base2novel
 
     settings = _settings_list(args)
     status = run_sweep("base2novel", settings, run_base2novel, args.force)

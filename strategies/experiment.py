@@ -1,14 +1,13 @@
 """One protocol run from resolved settings to ``results.json``: the glue between the layers.
 
-``run_benchmark.py`` parses the command line into a :class:`RunSettings` and calls
-:func:`run_base2novel`; sweeps call it once per (method, dataset, seed).
+``run_benchmark.py`` parses the command line into a :class:`RunSettings` and calls a protocol
+runner from :mod:`strategies.protocols`; sweeps call it once per (method, dataset, seed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 import resource
 import sys
@@ -20,16 +19,12 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from benchmarks import ImageListDataset, build_transform, default_data_root
-from benchmarks.protocols import base2novel_splits
+from benchmarks import ImageListDataset, default_data_root
 from learners import ClassSet, ClipBackbone, PromptLearner, TrainConfig, get_method, load_backbone
-from learners.checkpoint import save_checkpoint
-from learners.config import config_to_dict
-from learners.io import write_json
 from plugins.gpa import gpa_plugins
 from plugins.prototypes import prototype_plugins
 
-from .feature_cache import FeatureCache, eval_experience, train_experience
+from .feature_cache import FeatureCache, eval_experience
 from .pretrain import DIGITS_MODEL, DIGITS_TAG, default_cache_dir, ensure_digits_weights
 from .prompt_strategy import PromptStrategy
 
@@ -168,126 +163,14 @@ def evaluate(strategy: PromptStrategy, learner: PromptLearner, classes: ClassSet
     }
 
 
-def run_base2novel(settings: RunSettings) -> dict[str, Any]:
-    """Train on the base classes and evaluate base and novel, writing ``results.json``."""
-    protocol = "base2novel"
-    out = run_dir(settings, protocol)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(settings.seed)
-    spec = get_method(settings.method)
-    method_config, train_config = resolve_configs(settings, settings.dataset)
-    backbone = get_backbone(settings)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-    base, novel = base2novel_splits(
-        settings.dataset,
-        settings.resolved_data_root(),
-        settings.shots,
-        settings.seed,
-        settings.resolved_cache_dir() / "fewshot",
-    )
-    seed_everything(settings.seed)
-    learner = spec.learner_class(backbone, method_config).to(settings.device)
-    base_classes = ClassSet(base.classnames, base.template, settings.dataset)
-    novel_classes = ClassSet(novel.classnames, novel.template, settings.dataset)
-    learner.set_classnames(base_classes)
-
-    size = backbone.image_size
-    train_set = ImageListDataset(base.train, base.image_root, build_transform(size, train=True), on_error=settings.on_bad_image)
-    base_test = ImageListDataset(base.test, base.image_root, build_transform(size, train=False), on_error=settings.on_bad_image)
-    novel_test = ImageListDataset(novel.test, novel.image_root, build_transform(size, train=False), on_error=settings.on_bad_image)
-
-    strategy = PromptStrategy(
-        learner=learner,
-        train_config=train_config,
-        device=settings.device,
-        precision=settings.precision,
-        checkpoint_dir=out,
-        progress=settings.progress,
-        plugins=training_plugins(learner, method_config),
-    )
-    strategy.feature_cache = feature_cache(settings, train_config, backbone)
-    last = out / "last.pt"
-    if settings.resume and last.is_file():
-        strategy.restore_training_state(last)
-    elif last.is_file():
-        last.unlink()
-
-    train_seconds = 0.0
-    trained = train_config.epochs > 0 and learner.num_trainable_parameters() > 0
-    if trained and strategy.train_epochs > 0:
-        start = time.perf_counter()
-        train_experience(
-            strategy, train_set, settings.seed, num_workers=train_config.num_workers, drop_last=len(train_set) >= train_config.batch_size
-        )
-        train_seconds = time.perf_counter() - start
-
-    base_eval = evaluate(strategy, learner, base_classes, base_test)
-    novel_eval = evaluate(strategy, learner, novel_classes, novel_test)
-    learner.set_classnames(base_classes)
-    save_checkpoint(out / "model.pt", learner, dataset=settings.dataset, seed=settings.seed)
-    if last.is_file():
-        last.unlink()
-    memory, memory_kind = peak_memory()
-    history = strategy.epoch_history()
-    epochs_run = len(history)
-    skipped = sorted(set(train_set.skipped) | set(base_test.skipped) | set(novel_test.skipped))
-    results = {
-        "schema": RESULTS_SCHEMA,
-        "complete": True,
-        "protocol": protocol,
-        "method": settings.method,
-        "dataset": settings.dataset,
-        "seed": settings.seed,
+def run_config_record(settings: RunSettings) -> dict[str, Any]:
+    """The run-level settings that results.json records under ``config.run``."""
+    return {
+        "data_root": str(settings.resolved_data_root()),
+        "device": settings.device,
+        "precision": settings.precision,
         "shots": settings.shots,
+        "seed": settings.seed,
         "model": settings.model,
         "pretrained": settings.pretrained,
-        "precision": settings.precision,
-        "base_accuracy": base_eval["accuracy"],
-        "novel_accuracy": novel_eval["accuracy"],
-        "harmonic_mean": harmonic_mean(base_eval["accuracy"], novel_eval["accuracy"]),
-        "num_base_classes": len(base_classes),
-        "num_novel_classes": len(novel_classes),
-        "num_train_images": len(train_set),
-        "num_base_test_images": base_eval["total"],
-        "num_novel_test_images": novel_eval["total"],
-        "trainable_params": learner.num_trainable_parameters(),
-        "train_seconds": train_seconds,
-        "train_seconds_per_epoch": train_seconds / epochs_run if epochs_run else 0.0,
-        "eval_seconds": base_eval["seconds"] + novel_eval["seconds"],
-        "eval_images_per_second": (base_eval["total"] + novel_eval["total"])
-        / max(base_eval["seconds"] + novel_eval["seconds"], 1e-9),
-        "peak_memory_bytes": memory,
-        "peak_memory_kind": memory_kind,
-        "skipped_images": len(skipped),
-        "skipped_image_paths": skipped[:100],
-        "loss_terms": history[-1] if history else {},
-        "epochs": history,
-        "config": {
-            "method": config_to_dict(method_config),
-            "train": config_to_dict(train_config),
-            "run": {
-                "data_root": str(settings.resolved_data_root()),
-                "device": settings.device,
-                "precision": settings.precision,
-                "shots": settings.shots,
-                "seed": settings.seed,
-                "model": settings.model,
-                "pretrained": settings.pretrained,
-            },
-        },
-        "torch_version": torch.__version__,
     }
-    write_json(out / "results.json", results)
-    logger.info(
-        "%s %s seed %d: base %.2f novel %.2f HM %.2f -> %s",
-        settings.method,
-        settings.dataset,
-        settings.seed,
-        results["base_accuracy"],
-        results["novel_accuracy"],
-        results["harmonic_mean"],
-        out / "results.json",
-    )
-    return results

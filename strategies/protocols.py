@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from benchmarks import STANDARD_DATASETS, DatasetSplits, ImageListDataset, build_transform, fewshot_splits, read_dataset
+from benchmarks.protocols import base2novel_splits
 from learners import ClassSet, PromptLearner, TrainConfig, get_method
 from learners.checkpoint import save_checkpoint
 from learners.config import config_to_dict
@@ -41,8 +42,10 @@ from .experiment import (
     evaluate,
     feature_cache,
     get_backbone,
+    harmonic_mean,
     peak_memory,
     resolve_configs,
+    run_config_record,
     run_dir,
     seed_everything,
     training_plugins,
@@ -52,6 +55,7 @@ from .prompt_strategy import PromptStrategy
 
 logger = logging.getLogger(__name__)
 
+BASE2NOVEL = "base2novel"
 FEWSHOT = "fewshot"
 CROSS_DATASET = "cross-dataset"
 DOMAIN_GENERALIZATION = "domain-generalization"
@@ -237,15 +241,7 @@ def _config(settings: RunSettings, trained: TrainedLearner) -> dict[str, Any]:
         "config": {
             "method": config_to_dict(trained.method_config),
             "train": config_to_dict(trained.train_config),
-            "run": {
-                "data_root": str(settings.resolved_data_root()),
-                "device": settings.device,
-                "precision": settings.precision,
-                "shots": settings.shots,
-                "seed": settings.seed,
-                "model": settings.model,
-                "pretrained": settings.pretrained,
-            },
+            "run": run_config_record(settings),
         },
         "torch_version": torch.__version__,
     }
@@ -261,6 +257,41 @@ def _finish(out: Path, results: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Protocols
+
+
+def run_base2novel(settings: RunSettings) -> dict[str, Any]:
+    """Train on the base classes and evaluate base and novel, each over its own class names.
+
+    Returns:
+        The results written to ``OUTPUT/base2novel/DATASET/METHOD/seedS/results.json``.
+    """
+    out = run_dir(settings, BASE2NOVEL)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(settings.seed)
+    base, novel = base2novel_splits(
+        settings.dataset, settings.resolved_data_root(), settings.shots, settings.seed, settings.resolved_cache_dir() / "fewshot"
+    )
+    trained = train_learner(settings, base, out)
+    base_eval = evaluate_split(trained, base, settings)
+    novel_eval = evaluate_split(trained, novel, settings)
+    trained.learner.set_classnames(trained.classes)
+    save_checkpoint(out / "model.pt", trained.learner, dataset=settings.dataset, seed=settings.seed)
+
+    results = _header(settings, BASE2NOVEL)
+    results.update(
+        base_accuracy=base_eval["accuracy"],
+        novel_accuracy=novel_eval["accuracy"],
+        harmonic_mean=harmonic_mean(base_eval["accuracy"], novel_eval["accuracy"]),
+        num_base_classes=base_eval["num_classes"],
+        num_novel_classes=novel_eval["num_classes"],
+        num_base_test_images=base_eval["total"],
+        num_novel_test_images=novel_eval["total"],
+    )
+    results.update(_cost(trained, [base_eval, novel_eval]))
+    results.update(_config(settings, trained))
+    logger.info("%s %s seed %d: base %.2f novel %.2f HM %.2f -> %s", settings.method, settings.dataset, settings.seed,
+                results["base_accuracy"], results["novel_accuracy"], results["harmonic_mean"], out / "results.json")
+    return _finish(out, results)
 
 
 def run_fewshot(settings: RunSettings) -> dict[str, Any]:
