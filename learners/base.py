@@ -55,6 +55,43 @@ class ClassSet:
         return len(self.classnames)
 
 
+FROZEN_TEXT_CHUNK = 1024  # prompts per frozen text pass when no chunk size is configured
+
+
+@torch.no_grad()
+def encode_texts(backbone: ClipBackbone, texts: Sequence[str], normalize: bool, chunk_size: int | None = None) -> Tensor:
+    """Frozen text features ``(N, E)`` of plain-text prompts, fp32, encoded ``chunk_size`` at a time.
+
+    Tokenizing and embedding are chunked too, so thousands of prompts (templates x classes,
+    descriptions x classes) never hold all their ``(N, L, D)`` token embeddings at once.
+    """
+    chunk = chunk_size or FROZEN_TEXT_CHUNK
+    parts = [backbone.encode_prompts(texts[i : i + chunk], normalize=normalize) for i in range(0, len(texts), chunk)]
+    return torch.cat(parts).float()  # (N, E)
+
+
+@torch.no_grad()
+def template_ensemble_features(
+    backbone: ClipBackbone,
+    classes: ClassSet,
+    templates: Sequence[str],
+    normalize_each: bool,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Normalized mean over templates of the frozen class text features: ``(K, E)``.
+
+    All templates x classes prompts are encoded in chunked batches, not one template at a time.
+
+    Args:
+        normalize_each: L2-normalize each template's features before the mean, as CLIP's prompt
+            ensembling does. PromptSRC averages the unnormalized features instead.
+    """
+    texts = [template.format(name) for template in templates for name in classes.classnames]
+    features = encode_texts(backbone, texts, normalize_each, chunk_size)  # (T*K, E)
+    features = features.view(len(templates), len(classes), -1)  # (T, K, E)
+    return F.normalize(features.mean(dim=0), dim=-1)  # (K, E)
+
+
 class PromptLearner(nn.Module):
     """Base class of every method.
 
@@ -244,16 +281,10 @@ class PromptLearner(nn.Module):
     def class_prompt_features(self, classes: ClassSet, templates: Sequence[str] | None = None) -> Tensor:
         """Frozen, L2-normalized text features ``(K, E)`` of hand-crafted prompts.
 
-        With several templates, features are averaged over templates unnormalized and then
-        normalized, as CLIP's prompt ensembling does.
+        With several templates, each template's features are normalized, averaged over
+        templates and normalized again, as CLIP's prompt ensembling does.
         """
-        if not templates:
-            return self.backbone.encode_prompts(classes.prompts(), normalize=True)
-        total = None
-        for template in templates:
-            features = self.backbone.encode_prompts(classes.prompts(template), normalize=True)
-            total = features if total is None else total + features
-        return F.normalize(total / len(templates), dim=-1)
+        return template_ensemble_features(self.backbone, classes, templates or [classes.template], normalize_each=True)
 
     def cosine_logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         """``logit_scale * cos``: ``(B, E) x (K, E) -> (B, K)``."""

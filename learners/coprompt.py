@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from .backbone import ClipBackbone
 from .base import ClassSet
 from .config import TrainConfig
-from .deep_prompts import encode_texts, template_ensemble_features
+from .base import encode_texts, template_ensemble_features
 from .losses import cosine_consistency
 from .maple import MaPLe, MaPLeConfig
 from .registry import register_method

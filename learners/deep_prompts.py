@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import ClipBackbone, TokenReplacement
@@ -29,7 +28,6 @@ logger = logging.getLogger(__name__)
 PROMPT_INIT_STD = 0.02
 """Standard deviation of the N(0, std^2) init of every randomly initialized prompt token."""
 
-FROZEN_TEXT_CHUNK = 1024
 """Default number of plain-text prompts tokenized and encoded per call when building frozen targets."""
 
 
@@ -98,38 +96,6 @@ def init_text_context(backbone: ClipBackbone, n_ctx: int, ctx_init: str | None) 
         )
     ctx = torch.empty(n_ctx, backbone.text_width, device=backbone.device).normal_(std=PROMPT_INIT_STD)
     return ctx, " ".join(["X"] * n_ctx)
-
-
-@torch.no_grad()
-def encode_texts(backbone: ClipBackbone, texts: Sequence[str], normalize: bool, chunk_size: int | None = None) -> Tensor:
-    """Frozen text features ``(N, E)`` of plain-text prompts, fp32, encoded ``chunk_size`` at a time.
-
-    Tokenizing and embedding are chunked too, so thousands of prompts (templates x classes,
-    descriptions x classes) never hold all their ``(N, L, D)`` token embeddings at once.
-    """
-    chunk = chunk_size or FROZEN_TEXT_CHUNK
-    parts = [backbone.encode_prompts(texts[i : i + chunk], normalize=normalize) for i in range(0, len(texts), chunk)]
-    return torch.cat(parts).float()  # (N, E)
-
-
-@torch.no_grad()
-def template_ensemble_features(
-    backbone: ClipBackbone,
-    classes: ClassSet,
-    templates: Sequence[str],
-    normalize_each: bool,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Normalized mean over templates of the frozen class text features: ``(K, E)``.
-
-    Args:
-        normalize_each: L2-normalize each template's features before the mean, as CLIP's prompt
-            ensembling does. PromptSRC averages the unnormalized features instead.
-    """
-    texts = [template.format(name) for template in templates for name in classes.classnames]
-    features = encode_texts(backbone, texts, normalize_each, chunk_size)  # (T*K, E)
-    features = features.view(len(templates), len(classes), -1)  # (T, K, E)
-    return F.normalize(features.mean(dim=0), dim=-1)  # (K, E)
 
 
 @dataclass

@@ -6,7 +6,6 @@ report the weighted value as a named loss term.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

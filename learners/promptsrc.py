@@ -11,7 +11,7 @@ from torch import Tensor
 from .backbone import ClipBackbone
 from .base import ClassSet
 from .config import TrainConfig
-from .deep_prompts import template_ensemble_features
+from .base import template_ensemble_features
 from .ivlp import IVLP, IVLPConfig
 from .losses import l1_consistency, logit_distillation_kl
 from .registry import register_method

@@ -20,7 +20,7 @@ from avalanche.core import SupervisedPlugin
 from torch import Tensor
 
 from learners import ClassSet, PromptLearner
-from learners.deep_prompts import template_ensemble_features
+from learners.base import template_ensemble_features
 from learners.losses import knowledge_guided_distance, l1_consistency, logit_distillation_kl
 from learners.templates import get_ensemble
 

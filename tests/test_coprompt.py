@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from learners import ClassSet, build_learner
 from learners.coprompt import CoPromptConfig, load_descriptions, match_descriptions
-from learners.deep_prompts import template_ensemble_features
+from learners.base import template_ensemble_features
 from learners.templates import IMAGENET_TEMPLATES
 from strategies.experiment import RunSettings, resolve_configs
 from tests.tcp_family_support import BASE, base_batch, toy_backbone
