@@ -2,8 +2,9 @@
 
 Learners whose image tower carries no prompt (``PromptLearner.uses_frozen_image_features``:
 zero-shot, CoOp, KgCoOp, TCP, CoCoOp, PLOT) see an image only through
-``learner.frozen_image_features(images)``. For them the paper protocols encode each test image
-once per backbone instead of once per evaluation, and cache training features too:
+``learner.frozen_image_features(images)``. For them the base-to-novel, few-shot and transfer runs
+encode each test image once per backbone instead of once per evaluation, and cache training
+features too:
 
 - evaluation: one file per (backbone, image list, transform, feature kind);
 - training: ``K`` augmented views per image (``TrainConfig.train_feature_views``, one per epoch
@@ -301,7 +302,7 @@ class FeatureCache:
     # Files
 
     def path(self, learner: PromptLearner, dataset: ImageListDataset, view: int | None = None, seed: int | None = None) -> Path:
-        """The cache file of ``dataset``'s features for ``learner`` (one training view, or evaluation)."""
+        """Return the cache file of ``dataset``'s features for ``learner`` (evaluation or one training view)."""
         digest = hashlib.blake2b(digest_size=16)
         parts = [
             f"format={CACHE_FORMAT}",
@@ -321,7 +322,7 @@ class FeatureCache:
     def features(
         self, learner: PromptLearner, dataset: ImageListDataset, view: int | None = None, seed: int | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Features ``(N, ...)`` and labels ``(N,)`` of every image of ``dataset``.
+        """Load or encode the features ``(N, ...)`` and labels ``(N,)`` of every image of ``dataset``.
 
         Rows whose image is unchanged since it was cached are read from disk; the others are
         encoded with ``learner.frozen_image_features`` and the file is rewritten atomically.
@@ -335,6 +336,8 @@ class FeatureCache:
         """
         if view is not None and seed is None:
             raise ValueError("a training view needs the run seed")
+        if len(dataset) == 0:
+            raise ValueError(f"no images to encode under {dataset.image_root}: the image list is empty")
         path = self.path(learner, dataset, view, seed)
         keys = [image_key(dataset.image_root / item.impath) for item in dataset.items]
         stored = self._load(path, len(keys))
