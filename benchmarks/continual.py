@@ -162,9 +162,11 @@ class ContinualStream:
         from avalanche.benchmarks import benchmark_from_datasets, task_incremental_benchmark
         from avalanche.benchmarks.utils import as_classification_dataset
 
-        train_transform = build_transform(image_size, train=True)
         test_transform = build_transform(image_size, train=False)
-        train = [ImageListDataset(t.train, t.image_root, train_transform, on_error) for t in self.tasks]
+        train = [
+            ImageListDataset(t.train, t.image_root, build_transform(image_size, train=True, dataset=t.dataset), on_error)
+            for t in self.tasks
+        ]
         test = [ImageListDataset(t.test, t.image_root, test_transform, on_error) for t in self.tasks]
         scenario = benchmark_from_datasets(
             train=[as_classification_dataset(d) for d in train],

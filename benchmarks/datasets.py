@@ -100,6 +100,10 @@ class DatasetInfo:
     """True for datasets with a test split only; class names then come from the test split."""
     val_is_test: bool = False
     """True when the dataset has no val split of its own and reuses the test list (ImageNet)."""
+    train_crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Area range of the training RandomResizedCrop; the CoOp harness uses (0.08, 1.0)."""
+    train_flip: bool = True
+    """Whether training flips images horizontally, as the CoOp harness does."""
 
 
 def _coop_hint(section: str, folder: str) -> str:
@@ -226,6 +230,10 @@ _REGISTRY_ENTRIES = (
         layout="digits/images/<digit name>/<index>.png and digits/split_zhou_Digits.json",
         setup_hint="build it offline with benchmarks.build_digits(data_root), which writes the "
                    "scikit-learn digits as PNG files.",
+        # Crops down to 8 % of a 32-pixel digit and mirror images destroy the class, so the
+        # built-in dataset trains with milder crops and no flips.
+        train_crop_scale=(0.5, 1.0),
+        train_flip=False,
     ),
 )
 

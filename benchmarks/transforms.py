@@ -27,10 +27,12 @@ class ConvertRGB:
 
 
 def build_transform(image_size: int, train: bool, mean: Sequence[float] = CLIP_MEAN,
-                    std: Sequence[float] = CLIP_STD) -> Callable[[Image.Image], torch.Tensor]:
+                    std: Sequence[float] = CLIP_STD, dataset: str | None = None,
+                    ) -> Callable[[Image.Image], torch.Tensor]:
     """Build the train or test transform, from a PIL image to a normalized (3, S, S) tensor.
 
-    Train: RandomResizedCrop(S, scale=(0.08, 1.0), bicubic), then a random horizontal flip.
+    Train: RandomResizedCrop(S, scale=(0.08, 1.0), bicubic), then a random horizontal flip; a
+    registered dataset may narrow the crop scale or turn the flip off (the built-in digits do).
     Test: resize the short side to S (bicubic), then a center crop of S x S. Both convert the
     image to RGB first and end with ToTensor and Normalize(mean, std).
 
@@ -39,6 +41,8 @@ def build_transform(image_size: int, train: bool, mean: Sequence[float] = CLIP_M
         train: Whether to build the augmenting train transform.
         mean: Per-channel mean for Normalize; CLIP's by default.
         std: Per-channel standard deviation for Normalize; CLIP's by default.
+        dataset: Registry name whose training augmentation settings apply, or None for the
+            CoOp harness defaults.
 
     Returns:
         A torchvision `Compose` that can be pickled.
@@ -54,10 +58,15 @@ def build_transform(image_size: int, train: bool, mean: Sequence[float] = CLIP_M
 
     bicubic = T.InterpolationMode.BICUBIC
     if train:
-        geometry = [
-            T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=bicubic),
-            T.RandomHorizontalFlip(),
-        ]
+        scale, flip = (0.08, 1.0), True
+        if dataset is not None:
+            from benchmarks.datasets import dataset_info
+
+            info = dataset_info(dataset)
+            scale, flip = info.train_crop_scale, info.train_flip
+        geometry = [T.RandomResizedCrop(image_size, scale=scale, interpolation=bicubic)]
+        if flip:
+            geometry.append(T.RandomHorizontalFlip())
     else:
         geometry = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
     return T.Compose([

@@ -512,7 +512,7 @@ def client_data(plan: FederatedPlan, partition: FederatedPartition, client_id: i
     on_error = plan.settings.on_bad_image
     return ClientData(
         classes=ClassSet(tuple(names), domain.template, domain.name),
-        train=ImageListDataset(train, domain.image_root, build_transform(image_size, train=True), on_error=on_error),
+        train=ImageListDataset(train, domain.image_root, build_transform(image_size, train=True, dataset=domain.name), on_error=on_error),
         test=ImageListDataset(test, domain.image_root, build_transform(image_size, train=False), on_error=on_error),
     )
 

@@ -146,7 +146,7 @@ def train_learner(settings: RunSettings, splits: DatasetSplits, out: Path, shots
     classes = class_set(splits)
     learner.set_classnames(classes)
     train_set = ImageListDataset(
-        splits.train, splits.image_root, build_transform(backbone.image_size, train=True), on_error=settings.on_bad_image
+        splits.train, splits.image_root, build_transform(backbone.image_size, train=True, dataset=splits.name), on_error=settings.on_bad_image
     )
     strategy = PromptStrategy(
         learner=learner,
@@ -162,6 +162,7 @@ def train_learner(settings: RunSettings, splits: DatasetSplits, out: Path, shots
     if settings.resume and last.is_file():
         strategy.restore_training_state(last)
     elif last.is_file():
+        logger.warning("%s is the epoch checkpoint of an interrupted run; starting over (pass --resume to continue it)", last)
         last.unlink()
 
     train_seconds = 0.0

@@ -71,3 +71,15 @@ def test_transform_pickles() -> None:
 def test_bad_image_size_rejected(size: object) -> None:
     with pytest.raises(ValueError, match="image_size must be a positive int"):
         build_transform(size, train=False)  # type: ignore[arg-type]
+
+
+def test_digits_train_transform_keeps_the_digit():
+    from torchvision import transforms as T
+
+    steps = build_transform(32, train=True, dataset="digits").transforms
+    crops = [step for step in steps if isinstance(step, T.RandomResizedCrop)]
+    assert len(crops) == 1
+    assert crops[0].scale == (0.5, 1.0)
+    assert not any(isinstance(step, T.RandomHorizontalFlip) for step in steps)
+    default_steps = build_transform(32, train=True, dataset="eurosat").transforms
+    assert any(isinstance(step, T.RandomHorizontalFlip) for step in default_steps)
