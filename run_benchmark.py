@@ -104,6 +104,12 @@ def _settings_list(args: argparse.Namespace) -> list[Any]:
         if shots < 0:
             raise ValueError(f"--shots must be >= 0, got {shots}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed_device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"invalid --device {device!r}: {error}; use cpu, cuda or cuda:N") from error
+    if parsed_device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r} needs CUDA, but torch {torch.__version__} sees no GPU; use --device cpu")
     pairs = [pair for group in args.overrides for pair in group]
     settings = []
     for method in methods:
@@ -147,6 +153,21 @@ def _is_complete(path: Path) -> bool:
         return False
 
 
+def _stored_differences(setting: Any, results_path: Path) -> list[str]:
+    """Differences between the requested settings and those recorded in a results file."""
+    import json
+
+    from strategies.experiment import RunSettings, stored_config_differences
+
+    if not isinstance(setting, RunSettings):
+        return []
+    try:
+        results = json.loads(results_path.read_text())
+    except (OSError, ValueError):
+        return []
+    return stored_config_differences(setting, results)
+
+
 def run_sweep(
     protocol: str,
     settings: list[Any],
@@ -168,7 +189,18 @@ def run_sweep(
         results_path = folder / "results.json"
         complete = is_complete(setting, results_path) if is_complete is not None else _is_complete(results_path)
         if not force and complete:
-            logger.info("[%d/%d] %s: complete results exist, skipped (--force reruns)", index, len(settings), label)
+            differences = _stored_differences(setting, results_path)
+            if not differences:
+                logger.info("[%d/%d] %s: complete results exist, skipped (--force reruns)", index, len(settings), label)
+                continue
+            error = ValueError(
+                f"{results_path} holds complete results of other settings ({'; '.join(differences)}); "
+                "pass --force to overwrite them, or choose another --output-dir to keep both"
+            )
+            if len(settings) == 1:
+                raise error
+            logger.error("%s: %s", label, error)
+            failures.append((label, error))
             continue
         logger.info("[%d/%d] %s", index, len(settings), label)
         try:
@@ -468,6 +500,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _prepare_builtin_data(args)
         return PROTOCOLS[args.protocol][2](args)
+    except KeyboardInterrupt:
+        logger.error(
+            "interrupted; the last finished epoch of the current run is kept as last.pt in its run folder: "
+            "run the same command with --resume to continue"
+        )
+        return 130
     except (ValueError, OSError, NotImplementedError, RuntimeError, FloatingPointError) as error:
         logger.error("%s", error)
         logger.debug("traceback", exc_info=True)

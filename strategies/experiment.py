@@ -163,6 +163,41 @@ def evaluate(strategy: PromptStrategy, learner: PromptLearner, classes: ClassSet
     }
 
 
+_COMPARED_RUN_FIELDS = ("precision", "shots", "seed", "model", "pretrained")
+
+
+def stored_config_differences(settings: RunSettings, results: Mapping[str, Any]) -> list[str]:
+    """What the user asked for that a finished run's ``results.json`` did not use.
+
+    Compares the run fields that change results (precision, shots, seed, model, weights), the
+    ``--epochs``/``--batch-size`` shortcuts and every ``--set`` override. Device and data root
+    are not compared: the same data on another device or path gives comparable results.
+
+    Returns:
+        One ``"field: stored X, requested Y"`` entry per difference (empty when they agree).
+    """
+    from learners.config import json_ready
+
+    stored = results.get("config", {}) if isinstance(results.get("config"), dict) else {}
+    differences = []
+    stored_run = stored.get("run", {})
+    requested_run = run_config_record(settings)
+    for key in _COMPARED_RUN_FIELDS:
+        if key in stored_run and stored_run[key] != requested_run[key]:
+            differences.append(f"{key}: stored {stored_run[key]!r}, requested {requested_run[key]!r}")
+    train_requested = dict(settings.train_overrides)
+    if settings.epochs is not None:
+        train_requested["epochs"] = settings.epochs
+    if settings.batch_size is not None:
+        train_requested["batch_size"] = settings.batch_size
+    for section, requested in (("method", settings.method_overrides), ("train", train_requested)):
+        stored_section = stored.get(section, {})
+        for key, value in requested.items():
+            if key in stored_section and stored_section[key] != json_ready(value):
+                differences.append(f"{section}.{key}: stored {stored_section[key]!r}, requested {json_ready(value)!r}")
+    return differences
+
+
 def run_config_record(settings: RunSettings) -> dict[str, Any]:
     """The run-level settings that results.json records under ``config.run``."""
     return {

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from learners import PromptLearner, TrainConfig, build_optimizer, lr_at_epoch
 from learners.checkpoint import checkpoint_payload
+from learners.config import config_to_dict
 from learners.io import save_torch
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class ProgressPlugin(SupervisedPlugin):
     def after_training_iteration(self, strategy, *args, **kwargs) -> None:
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{float(strategy.loss):.4f}", refresh=False)
+            self._bar.set_postfix(loss=f"{float(strategy.loss.detach()):.4f}", refresh=False)
 
     def after_training_epoch(self, strategy, *args, **kwargs) -> None:
         self._close()
@@ -350,6 +351,8 @@ class PromptStrategy(SupervisedTemplate):
                 self.model,
                 epoch=self.epoch + 1,
                 total_epochs=self.total_epochs,
+                train_config=config_to_dict(self.train_config),
+                precision=self.precision,
                 optimizer=self.optimizer.state_dict(),
                 scaler=self.scaler.state_dict(),
                 history=self.history,
@@ -368,6 +371,21 @@ class PromptStrategy(SupervisedTemplate):
         from learners.checkpoint import load_checkpoint
 
         payload = torch.load(path, map_location="cpu", weights_only=False)
+        saved = payload.get("train_config", {})
+        own = config_to_dict(self.train_config)
+        differing = sorted(k for k in set(saved) | set(own) if saved.get(k) != own.get(k))
+        if payload.get("precision", self.precision) != self.precision:
+            differing.append("precision")
+        if differing:
+            details = ", ".join(
+                f"{k} (checkpoint {payload.get('precision') if k == 'precision' else saved.get(k)!r}, "
+                f"now {self.precision if k == 'precision' else own.get(k)!r})"
+                for k in differing
+            )
+            raise ValueError(
+                f"cannot resume from {path}: it was saved by a run with other training settings: {details}. "
+                "Resume with the same options, or rerun without --resume to start over"
+            )
         load_checkpoint(payload, self.model)
         self.make_optimizer()
         self.optimizer.load_state_dict(payload["optimizer"])

@@ -106,3 +106,24 @@ def test_digits_dataset_built_on_first_use(tmp_path):
     assert status == 0
     assert (data_root / "digits" / "split_zhou_Digits.json").is_file()
     assert (tmp_path / "runs/base2novel/digits/coop/seed1/results.json").is_file()
+
+
+def test_complete_run_with_other_settings_is_not_skipped(tmp_path, caplog):
+    args = ["base2novel", "--pretrained", "none", "--shots", "1", "--no-progress", "--data-root", str(tmp_path / "data"),
+            "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "runs")]
+    assert run_benchmark.main([*args, "--epochs", "0"]) == 0
+    path = tmp_path / "runs/base2novel/digits/coop/seed1/results.json"
+    first = path.read_bytes()
+    assert run_benchmark.main([*args, "--epochs", "1", "--set", "n_ctx=4"]) == 2
+    assert "holds complete results of other settings (train.epochs: stored 0, requested 1)" in caplog.text
+    assert "pass --force to overwrite them" in caplog.text
+    assert path.read_bytes() == first
+    assert run_benchmark.main([*args, "--epochs", "1", "--force"]) == 0
+    assert json.loads(path.read_text())["config"]["train"]["epochs"] == 1
+
+
+def test_invalid_device_is_rejected(tmp_path, caplog):
+    args = ["base2novel", "--pretrained", "none", "--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path)]
+    assert run_benchmark.main([*args, "--device", "gpu"]) == 2
+    assert "invalid --device 'gpu'" in caplog.text
+    assert "use cpu, cuda or cuda:N" in caplog.text

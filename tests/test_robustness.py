@@ -64,6 +64,12 @@ def test_non_finite_loss_stops_with_step_terms_and_precision(digits_root, tmp_pa
     assert last.is_file()
     assert not (last.parent / "results.json").exists()
 
+    caplog.clear()
+    status = run_benchmark.main(_args(digits_root, tmp_path, "--epochs", "5", "--batch-size", "4", "--set", "train.lr=1e30", "--resume"))
+    assert status == 2
+    assert f"cannot resume from {last}" in caplog.text
+    assert "epochs (checkpoint 3, now 5)" in caplog.text
+
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -150,3 +156,18 @@ def test_atomic_json_write_keeps_the_old_file_on_failure(tmp_path):
         write_json(path, {"complete": False, "bad": Unserializable()})
     assert json.loads(path.read_text()) == {"complete": True}
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_atomic_writes_get_the_umask_permissions(tmp_path):
+    import stat
+
+    from benchmarks._io import write_json_atomic
+
+    umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        write_json_atomic(tmp_path / "b.json", {"x": 1})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o644
