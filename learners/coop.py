@@ -18,7 +18,7 @@ class CoOpConfig:
     """CoOp prompt design.
 
     Attributes:
-        n_ctx: number of context tokens M; ignored when ``ctx_init`` is set (M = its token count).
+        n_ctx: number of context tokens M; with ``ctx_init`` it must equal the phrase's token count.
         ctx_init: init phrase such as ``"a photo of a"``, or None for random N(0, 0.02^2) init.
         class_specific: one context per class (CSC) instead of one shared context.
         class_token_position: ``end``, ``middle`` or ``front``.
@@ -46,7 +46,12 @@ def init_context(backbone, n_ctx: int, ctx_init: str | None, n_rows: int | None 
     """Initial context ``(M, D)`` (or ``(n_rows, M, D)``) from a phrase or N(0, 0.02^2)."""
     width = backbone.text_width
     if ctx_init:
-        ctx, n_ctx = phrase_embedding(backbone, ctx_init.replace("_", " "))
+        ctx, phrase_tokens = phrase_embedding(backbone, ctx_init.replace("_", " "))
+        if phrase_tokens != n_ctx:
+            raise ValueError(
+                f"n_ctx={n_ctx} does not match ctx_init={ctx_init!r}, which has {phrase_tokens} tokens: pass "
+                f"ctx_init=none to learn {n_ctx} randomly initialized context tokens, or n_ctx={phrase_tokens}"
+            )
         ctx = ctx.float()
         if n_rows is not None:
             ctx = ctx.unsqueeze(0).repeat(n_rows, 1, 1)  # (K, M, D)

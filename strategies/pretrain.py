@@ -57,7 +57,7 @@ def ensure_digits_weights(
     path = digits_weights_path(cache_dir)
     if path.is_file():
         return path
-    logger.info("pre-training toy-clip on the digits training split (first run only) -> %s", path)
+    logger.info("pre-training toy-clip on the digits training split (first run only, a few minutes on CPU) -> %s", path)
     state = pretrain_on_digits(data_root, epochs=epochs, seed=seed)
     save_torch(path, state)
     return path
@@ -121,7 +121,7 @@ def pretrain_on_digits(
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, 4.6052)
                 total += float(loss.detach())
-            logger.debug("digits pre-training epoch %d/%d loss %.4f", epoch + 1, epochs, total / steps_per_epoch)
+            logger.info("digits pre-training epoch %d/%d loss %.4f", epoch + 1, epochs, total / steps_per_epoch)
         model.eval()
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
     finally:

@@ -143,3 +143,10 @@ def test_invalid_coop_config_names_the_value():
         CoOpConfig(class_token_position="left")
     with pytest.raises(ValueError, match="n_ctx must be >= 1, got 0"):
         CoOpConfig(n_ctx=0, ctx_init=None)
+
+
+def test_n_ctx_must_match_init_phrase(backbone):
+    with pytest.raises(ValueError, match=r"n_ctx=16 does not match ctx_init='a photo of a', which has 4 tokens"):
+        build_learner("coop", backbone, n_ctx=16)
+    coop = build_learner("coop", backbone, n_ctx=16, ctx_init=None)
+    assert coop.ctx.shape == (16, backbone.text_width)
