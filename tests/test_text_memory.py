@@ -80,6 +80,35 @@ def count_text_passes(backbone):
     return passes, handle
 
 
+def count_text_encodings(backbone, monkeypatch):
+    """Record the sequence count of every encode_text_tokens call (one per encoded prompt set)."""
+    calls = []
+    encode = backbone.encode_text_tokens
+
+    def counted(embeddings, *args, **kwargs):
+        calls.append(embeddings.shape[0])
+        return encode(embeddings, *args, **kwargs)
+
+    monkeypatch.setattr(backbone, "encode_text_tokens", counted)
+    return calls
+
+
+def test_length_buckets_split_large_sets(backbone):
+    ids = backbone.tokenize([f"a photo of a {'big ' * (i % 9)}dog." for i in range(80)])
+    embeddings, eot = backbone.token_embedding(ids), backbone.eot_index(ids)
+    passes, handle = count_text_passes(backbone)
+    try:
+        with torch.no_grad():
+            bucketed = backbone.encode_text_tokens(embeddings, eot)
+    finally:
+        handle.remove()
+    assert [k for k, _ in passes] == [16] * 5
+    assert sum(k * length for k, length in passes) < 80 * (int(eot.max()) + 1)
+    with torch.no_grad(), backbone.text_memory(chunk_size=80):
+        one_pass = backbone._encode_text_chunk(embeddings, eot, None, True, False, False)
+    assert_same(bucketed, one_pass)
+
+
 def test_chunks_respect_global_limit(backbone):
     embeddings, eot, _ = prompt_inputs(backbone)
     passes, handle = count_text_passes(backbone)
@@ -133,20 +162,17 @@ def test_every_method_truncates_its_prompts(backbone, classes, method):
 
 
 @pytest.mark.parametrize("method", ["coop", "kgcoop", "tcp", "plot", "ivlp"])
-def test_prompts_encoded_once_per_step(backbone, classes, method):
+def test_prompts_encoded_once_per_step(backbone, classes, method, monkeypatch):
     spec = get_method(method)
     torch.manual_seed(1)
     learner = spec.learner_class(backbone, spec.config_class())
     learner.set_classnames(classes)
-    passes, handle = count_text_passes(backbone)
-    try:
-        learner.loss_terms(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
-    finally:
-        handle.remove()
-    assert len(passes) == 1
+    calls = count_text_encodings(backbone, monkeypatch)
+    learner.loss_terms(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert len(calls) == 1
 
 
-def test_evaluation_pass_encodes_prompts_once(backbone, classes):
+def test_evaluation_pass_encodes_prompts_once(backbone, classes, monkeypatch):
     from benchmarks.streams import make_experience
     from torch.utils.data import TensorDataset
 
@@ -158,12 +184,9 @@ def test_evaluation_pass_encodes_prompts_once(backbone, classes):
     )
     data = TensorDataset(torch.randn(10, 3, 32, 32), torch.arange(10) % len(NAMES))
     data.targets = (torch.arange(10) % len(NAMES)).tolist()
-    passes, handle = count_text_passes(backbone)
-    try:
-        strategy.eval([make_experience(data)])
-    finally:
-        handle.remove()
-    assert len(passes) == 1
+    calls = count_text_encodings(backbone, monkeypatch)
+    strategy.eval([make_experience(data)])
+    assert calls == [len(NAMES)]
     assert strategy.accuracy.total == 10
 
     # Inside a training step the memo is off: every step sees the current parameters.
