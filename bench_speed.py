@@ -285,8 +285,9 @@ def bench_method(
     eval_count = settings.cocoop_eval_images if method == "cocoop" else settings.eval_images
     eval_set = ImageListDataset(relabel(write_images(images_folder, eval_count), num_classes), images_folder,
                                 build_transform(size, train=False))
+    trainable = spec.train_defaults.epochs > 0 and learner.num_trainable_parameters() > 0
     batch = min(settings.train_batch, spec.train_defaults.batch_size)
-    if batch != settings.train_batch:
+    if trainable and batch != settings.train_batch:
         row.notes.append(f"train batch {batch} (the method's published batch)")
     images = torch.stack([eval_set[i % len(eval_set)][0] for i in range(batch)]).to(settings.device)  # (B, 3, H, W)
     labels = torch.arange(batch, device=settings.device) % num_classes
@@ -297,7 +298,6 @@ def bench_method(
     with torch.no_grad(), optimized_memory(backbone, num_classes, settings):
         learner.loss_terms(images[:1], labels[:1])
 
-    trainable = spec.train_defaults.epochs > 0 and learner.num_trainable_parameters() > 0
     differences = []
     if trainable:
         with torch.no_grad():

@@ -208,3 +208,24 @@ def test_strategy_applies_train_config_bounds(backbone, classes):
         assert backbone.text_memory_options.checkpoint
     with pytest.raises(ValueError, match="max_text_chunk"):
         TrainConfig(max_text_chunk=0)
+
+
+def test_cocoop_bounded_matches_plain(backbone, classes):
+    spec = get_method("cocoop")
+    torch.manual_seed(1)
+    learner = spec.learner_class(backbone, spec.config_class(text_chunk_size=8))
+    learner.set_classnames(classes)
+    features = torch.randn(3, backbone.embed_dim)  # (B, E)
+    labels = torch.tensor([0, 2, 5])
+
+    def logits_and_grads():
+        learner.zero_grad(set_to_none=True)
+        logits, terms = learner.loss_terms_features(features, labels)
+        sum(terms.values()).backward()
+        return logits.detach(), learner.ctx.grad.clone(), learner.meta_net.linear1.weight.grad.clone()
+
+    plain = logits_and_grads()
+    with backbone.text_memory(chunk_size=4, checkpoint=True):
+        bounded = logits_and_grads()
+    for expected, actual in zip(plain, bounded):
+        assert_same(actual, expected)
