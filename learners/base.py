@@ -108,7 +108,7 @@ class PromptLearner(nn.Module):
         config_class: the method's config dataclass, set by ``register_method``.
         local_state_prefixes: state-dict key prefixes that stay on a federated client
             (personalized state); every other learnable key is global.
-        uses_frozen_image_features: the learner sees images only through
+        uses_frozen_image_features: the learner reads images only through
             :meth:`frozen_image_features`, so those features can be precomputed.
         frozen_feature_kind: names what :meth:`frozen_image_features` returns (part of the
             feature cache key): ``pooled`` for ``(B, E)``, ``pooled+local`` for ``(B, P, E)``.

@@ -9,7 +9,7 @@ Call tree of one training experience (Avalanche 0.6), with what this strategy ad
         for minibatch:
           forward()                -> learner.loss_terms(x, y) under autocast and the text memory
                                       bounds: logits + named terms (loss_terms_features(x, y)
-                                      when x holds cached image features)
+                                      when x contains cached image features)
           criterion()              -> sum of the terms (plugins may add more in before_backward)
           backward()               -> non-finite loss check, GradScaler for amp-fp16
           optimizer_step()
@@ -172,7 +172,7 @@ class PromptStrategy(SupervisedTemplate):
         self._term_count = 0
         self._resume_state: dict[str, Any] | None = None
         self._optimizer_restored = False
-        self.inputs_are_features = False  # mb_x holds frozen image features instead of pixels
+        self.inputs_are_features = False  # mb_x contains frozen image features instead of pixels
         # A strategies.feature_cache.FeatureCache that the protocol runners set; None reads pixels.
         self.feature_cache = None
         device = torch.device(device)
@@ -230,12 +230,12 @@ class PromptStrategy(SupervisedTemplate):
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def text_memory(self):
-        """The text-tower memory bounds of the train config (chunk size, checkpointing)."""
+        """Return a context that applies the train config's text-tower bounds (chunk size, checkpointing)."""
         config = self.train_config
         return self.model.backbone.text_memory(chunk_size=config.max_text_chunk, checkpoint=config.text_checkpoint)
 
     def forward(self):
-        # With inputs_are_features, mb_x holds precomputed frozen image features (see
+        # With inputs_are_features, mb_x contains precomputed frozen image features (see
         # strategies.feature_cache), which only learners with uses_frozen_image_features accept.
         with self.autocast(), self.text_memory():
             if self.is_training:
