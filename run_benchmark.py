@@ -194,7 +194,7 @@ def run_sweep(
                 logger.info("[%d/%d] %s: complete results exist, skipped (--force reruns)", index, len(settings), label)
                 continue
             error = ValueError(
-                f"{results_path} holds complete results of other settings ({'; '.join(differences)}); "
+                f"{results_path} contains complete results of other settings ({'; '.join(differences)}); "
                 "pass --force to overwrite them, or choose another --output-dir to keep both"
             )
             if len(settings) == 1:

@@ -532,7 +532,7 @@ def _load_file(model_name: str, path: Path, quick_gelu: bool | None) -> nn.Modul
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise PretrainedWeightsError(f"weight file {str(path)!r} holds a {type(state).__name__}, not a state dict")
+        raise PretrainedWeightsError(f"weight file {str(path)!r} contains a {type(state).__name__}, not a state dict; pass a state dict or TorchScript file")
     state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
     for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
         state.pop(key, None)

@@ -40,7 +40,8 @@ def test_sgd_optimizer_uses_dassl_defaults():
     assert isinstance(optimizer, torch.optim.SGD)
     assert group["momentum"] == 0.9
     assert group["weight_decay"] == 5e-4
-    assert group["dampening"] == 0 and group["nesterov"] is False
+    assert group["dampening"] == 0
+    assert group["nesterov"] is False
 
 
 def test_adam_eps_is_configurable():

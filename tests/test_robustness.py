@@ -50,7 +50,7 @@ def test_same_seed_gives_identical_metrics(digits_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_with_step_terms_and_precision(digits_root, tmp_path, caplog):
+def test_non_finite_loss_stops_training(digits_root, tmp_path, caplog):
     # Epoch 1 runs at the warmup LR (1e-5); epoch 2 at 1e30 drives the context to inf.
     status = run_benchmark.main(_args(digits_root, tmp_path, "--epochs", "3", "--batch-size", "4", "--set", "train.lr=1e30"))
     assert status == 2
@@ -83,7 +83,7 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_run_killed_mid_epoch_resumes_to_the_same_result(digits_root, tmp_path):
+def test_killed_run_resumes_identically(digits_root, tmp_path):
     extra = ("--epochs", "4", "--batch-size", "1")
     assert run_benchmark.main(_args(digits_root, tmp_path / "reference", *extra)) == 0
     reference = _results(tmp_path / "reference")
@@ -109,7 +109,7 @@ def test_run_killed_mid_epoch_resumes_to_the_same_result(digits_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_unreadable_image_raises_with_path_or_is_skipped_and_counted(tmp_path, caplog):
+def test_unreadable_image_raise_or_skip(tmp_path, caplog):
     from benchmarks import build_digits
 
     root = tmp_path / "data"
@@ -127,7 +127,7 @@ def test_unreadable_image_raises_with_path_or_is_skipped_and_counted(tmp_path, c
     assert results["skipped_image_paths"] == [str(broken)]
 
 
-def test_missing_data_root_and_dataset_folder_name_the_path_and_layout(tmp_path, caplog):
+def test_missing_data_folders_named(tmp_path, caplog):
     def run(root):
         return run_benchmark.main(
             ["base2novel", "--dataset", "eurosat", "--model", "toy-clip", "--pretrained", "none",
@@ -145,7 +145,7 @@ def test_missing_data_root_and_dataset_folder_name_the_path_and_layout(tmp_path,
     assert "split_zhou_EuroSAT.json" in caplog.text
 
 
-def test_atomic_json_write_keeps_the_old_file_on_failure(tmp_path):
+def test_atomic_write_keeps_old_file(tmp_path):
     path = tmp_path / "results.json"
     write_json(path, {"complete": True})
 
