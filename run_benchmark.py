@@ -311,8 +311,6 @@ def _run_continual(args: argparse.Namespace) -> int:
     from plugins.registry import split_plugin_overrides
     from strategies.continual import PROTOCOL, continual_settings, run_continual
 
-    if args.resume:
-        raise ValueError("continual runs cannot resume; rerun without --resume (complete runs are skipped)")
     if args.dataset is not None and args.stream in ("datasets", "mtil"):
         raise ValueError(f"--dataset is for the class-incremental and base-novel streams; the {args.stream} stream takes --datasets or none")
     shared, plugin_pairs = split_plugin_overrides([pair for group in args.overrides for pair in group])

@@ -5,16 +5,23 @@ from task to task, and tasks of a multi-dataset stream have overlapping label id
 plugins assume one fixed output layer. The subclasses here keep Avalanche's logic (the model copy,
 the Fisher importances, the replay buffer and its data loader) and change only what depends on
 the output space. Every term they add is recorded as a named loss term of ``PromptStrategy``.
+
+Each also implements ``resume_state()`` and ``load_resume_state(state, strategy, train_stream)``,
+which the continual runner saves in every checkpoint and restores when a run resumes.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections import defaultdict
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from avalanche.training.plugins import EWCPlugin, LwFPlugin, ReplayPlugin
+from avalanche.training.storage_policy import ExperienceBalancedBuffer
+from avalanche.training.utils import ParamData
 
 from benchmarks.continual import ContinualStream, LabelSpace
 
@@ -55,6 +62,23 @@ class PromptLwFPlugin(LwFPlugin):
         self.lwf.expcount += 1
         self.lwf.prev_model = copy.deepcopy(strategy.model)
 
+    def resume_state(self) -> dict[str, Any]:
+        """Return the experience count and the previous learner's learnable state (None before the first)."""
+        previous = self.lwf.prev_model
+        return {
+            "expcount": self.lwf.expcount,
+            "previous": {k: v.cpu() for k, v in previous.learnable_state_dict().items()} if previous is not None else None,
+        }
+
+    def load_resume_state(self, state: dict[str, Any], strategy, train_stream: Sequence) -> None:
+        """Rebuild the previous learner: a copy of the current one with the saved state loaded."""
+        self.lwf.expcount = int(state["expcount"])
+        self.lwf.prev_model = None
+        if state["previous"] is not None:
+            previous = copy.deepcopy(strategy.model)
+            previous.load_learnable_state_dict(state["previous"], strict=True)
+            self.lwf.prev_model = previous
+
 
 class PromptEWCPlugin(EWCPlugin):
     """Elastic Weight Consolidation (https://arxiv.org/abs/1612.00796) over the prompt parameters.
@@ -69,6 +93,29 @@ class PromptEWCPlugin(EWCPlugin):
         super().before_backward(strategy, **kwargs)
         if strategy.clock.train_exp_counter > 0:
             strategy.note_loss_term("ewc", float(strategy.loss.detach()) - before)
+
+    def resume_state(self) -> dict[str, Any]:
+        """Return the saved parameters and importances of every past experience, as CPU tensors."""
+
+        def plain(groups) -> dict[int, dict[str, tuple[str, torch.Tensor]]]:
+            return {t: {k: (p.name, p.data.cpu()) for k, p in group.items()} for t, group in groups.items()}
+
+        return {"saved_params": plain(self.saved_params), "importances": plain(self.importances)}
+
+    def load_resume_state(self, state: dict[str, Any], strategy, train_stream: Sequence) -> None:
+        """Restore the saved parameters and importances onto the strategy's device."""
+
+        def params(groups) -> defaultdict:
+            restored: defaultdict = defaultdict(dict)
+            for t, group in groups.items():
+                restored[int(t)] = {
+                    k: ParamData(name, tuple(data.shape), init_tensor=data.to(strategy.device), device=strategy.device)
+                    for k, (name, data) in group.items()
+                }
+            return restored
+
+        self.saved_params = params(state["saved_params"])
+        self.importances = params(state["importances"])
 
 
 class PromptReplayPlugin(ReplayPlugin):
@@ -98,6 +145,31 @@ class PromptReplayPlugin(ReplayPlugin):
         self.stream = stream
         self.offsets: torch.Tensor | None = None  # (num_tasks,), label offset of every task
         self.sizes: torch.Tensor | None = None  # (num_tasks,), classes of every task in the union
+        # (experience index, torch RNG state before the buffer update) of every update so far
+        self.updates: list[tuple[int, torch.Tensor]] = []
+
+    def after_training_exp(self, strategy, *args, **kwargs) -> None:
+        self.updates.append((strategy.experience.current_experience, torch.get_rng_state()))
+        super().after_training_exp(strategy, *args, **kwargs)
+
+    def resume_state(self) -> dict[str, Any]:
+        """Return the experience and RNG state of every buffer update, from which the buffer is rebuilt.
+
+        The buffer holds subsets of the experiences' datasets; replaying its reservoir updates
+        with the same random numbers rebuilds it exactly, without saving any image.
+        """
+        return {"updates": [(task, rng.clone()) for task, rng in self.updates]}
+
+    def load_resume_state(self, state: dict[str, Any], strategy, train_stream: Sequence) -> None:
+        """Rebuild the buffer by repeating the saved updates; the global RNG state is left as it was."""
+        outer = torch.get_rng_state()
+        self.storage_policy = ExperienceBalancedBuffer(max_size=self.mem_size, adaptive_size=True)
+        self.updates = []
+        for task, rng in state["updates"]:
+            torch.set_rng_state(rng)
+            self.storage_policy.post_adapt(strategy, train_stream[task])
+            self.updates.append((task, rng))
+        torch.set_rng_state(outer)
 
     def before_training_exp(self, strategy, *args, **kwargs) -> None:
         super().before_training_exp(strategy, *args, **kwargs)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from typing import Any, Sequence
+
 from avalanche.core import SupervisedPlugin
 from torch import Tensor
 
@@ -34,6 +36,9 @@ class SeparatePromptsPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy, *args, **kwargs) -> None:
         learner = strategy.model
         self._remember_initial(learner)
+        if getattr(strategy, "start_epoch", 0) > 0:
+            # Resumed inside this task: the restored prompts and optimizer are this task's.
+            return
         learner.load_learnable_state_dict(self.initial)
         # Parameters are loaded in place, so the optimizer would keep the previous task's moments.
         strategy.reset_optimizer()
@@ -51,3 +56,14 @@ class SeparatePromptsPlugin(SupervisedPlugin):
     def state_dict(self) -> dict[int, dict[str, Tensor]]:
         """Return the learned state of every trained task, by task index (a plain dict of tensors)."""
         return {task: {k: v.cpu() for k, v in state.items()} for task, state in self.states.items()}
+
+    def resume_state(self) -> dict[str, Any]:
+        """Return the initial prompts and those of every trained task."""
+        initial = {k: v.cpu() for k, v in self.initial.items()} if self.initial is not None else None
+        return {"initial": initial, "states": self.state_dict()}
+
+    def load_resume_state(self, state: dict[str, Any], strategy, train_stream: Sequence) -> None:
+        """Restore the initial prompts and the per-task prompts onto the learner's device."""
+        device = strategy.device
+        self.initial = {k: v.to(device) for k, v in state["initial"].items()} if state["initial"] is not None else None
+        self.states = {int(task): {k: v.to(device) for k, v in s.items()} for task, s in state["states"].items()}

@@ -9,8 +9,11 @@ Flow of one run::
                                                           regularizer/LwF/EWC/replay plugins act
         evaluate the stream's test sets for this point -> one row; ClassSetPlugin sets the classes
                                                           of every evaluated test set
-        checkpoint (plain state dict) and partial results.json
+        checkpoint (plain state dict), partial results.json and last.pt
     metrics from the matrix, heatmap PNG, results.json
+
+``last.pt`` is also written after every epoch; ``--resume`` continues from it (see
+:func:`run_continual`).
 
 The metrics are computed from per-task accuracies by ``plugins.continual_metrics`` and logged
 through Avalanche's ``EvaluationPlugin`` to a text log, CSV files and TensorBoard.
@@ -56,6 +59,7 @@ from .prompt_strategy import PromptStrategy
 logger = logging.getLogger(__name__)
 
 PROTOCOL = "continual"
+RESUME_FILE = "last.pt"
 
 
 @dataclass(frozen=True)
@@ -113,11 +117,21 @@ def _row_labels(stream: ContinualStream, rows: int) -> list[str]:
 
 
 class _Loggers:
-    """Avalanche's text, CSV and TensorBoard loggers writing into the run folder."""
+    """Avalanche's text, CSV and TensorBoard loggers writing into the run folder.
 
-    def __init__(self, out: Path) -> None:
-        self.text_file = open(out / "log.txt", "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self.loggers = [TextLogger(self.text_file), CSVLogger(str(out / "csv")), TensorboardLogger(str(out / "tensorboard"))]
+    A resumed run appends to ``log.txt`` and writes its CSV files to ``csv-resumedN``, since
+    Avalanche's CSV logger truncates its files when it opens them.
+    """
+
+    def __init__(self, out: Path, resumed: bool) -> None:
+        csv_dir = out / "csv"
+        if resumed:
+            count = 1
+            while (out / f"csv-resumed{count}").exists():
+                count += 1
+            csv_dir = out / f"csv-resumed{count}"
+        self.text_file = open(out / "log.txt", "a" if resumed else "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.loggers = [TextLogger(self.text_file), CSVLogger(str(csv_dir)), TensorboardLogger(str(out / "tensorboard"))]
 
     def close(self) -> None:
         for avalanche_logger in self.loggers:
@@ -128,15 +142,31 @@ class _Loggers:
         self.text_file.close()
 
 
+def _resumable(plugins: list) -> dict[str, Any]:
+    """Plugins with state to save, keyed by position and class name (``2:PromptEWCPlugin``)."""
+    return {f"{i}:{type(p).__name__}": p for i, p in enumerate(plugins) if hasattr(p, "resume_state")}
+
+
 def run_continual(settings: ContinualSettings) -> dict[str, Any]:
     """Train ``settings.run.method`` on the stream with the plugins, writing ``results.json``.
 
-    NOTE: a stopped run starts again from the first task. The per-task checkpoints hold the
-    prompts only, not the plugins' state (EWC importances, LwF copy, replay buffer).
+    After every epoch and after every task's evaluation ``last.pt`` in the run folder holds
+    everything a resume needs: the learnable state, optimizer, RNG states, the accuracy matrix
+    so far and the plugins' state (LwF's previous prompts, EWC's importances, the replay buffer's
+    updates, the per-task prompts; GPA keeps its running sum in ``gpa_state.pt``). With
+    ``settings.run.resume`` a run continues from it and ends as an uninterrupted run would;
+    without, an existing ``last.pt`` is deleted and the run starts over.
     """
     run = settings.run
     out = run_dir(settings, PROTOCOL)
     out.mkdir(parents=True, exist_ok=True)
+    last = out / RESUME_FILE
+    saved = None
+    if last.is_file() and run.resume:
+        saved = PromptStrategy.read_training_state(last)
+    elif last.is_file():
+        logger.warning("%s is the checkpoint of an interrupted run; starting over (pass --resume to continue it)", last)
+        last.unlink()
     seed_everything(run.seed)
     spec = get_method(run.method)
     # NOTE: one method and train config serves every task, so per-dataset overrides (CoOp's 50
@@ -159,87 +189,169 @@ def run_continual(settings: ContinualSettings) -> dict[str, Any]:
     extra_plugins, plugin_configs = build_plugins(
         settings.plugins, PluginContext(stream, train_config.epochs), settings.plugin_overrides
     )
-    class_plugin = ClassSetPlugin(stream)
-    metric = ContinualAccuracyMatrix(len(stream), stream.task_aware)
-    loggers = _Loggers(out)
+    loggers = _Loggers(out, resumed=saved is not None)
     try:
-        strategy = PromptStrategy(
-            learner=learner,
-            train_config=train_config,
-            device=run.device,
-            precision=run.precision,
-            plugins=[class_plugin, *own_plugins, *extra_plugins],
-            evaluator=EvaluationPlugin(metric, loggers=loggers.loggers),
-            checkpoint_dir=None,
-            progress=run.progress,
-        )
-        results = _train_and_evaluate(settings, stream, benchmark, learner, strategy, class_plugin, metric, out,
-                                      method_config, train_config, plugin_configs, extra_plugins)
+        runner = _ContinualRun(settings, stream, benchmark, learner, out, method_config, train_config, plugin_configs,
+                               own_plugins, extra_plugins, loggers)
+        if saved is not None:
+            runner.restore(saved, last)
+        results = runner.run()
     finally:
         loggers.close()
     return results
 
 
-def _train_and_evaluate(settings, stream, benchmark, learner, strategy, class_plugin, metric, out,
-                        method_config, train_config, plugin_configs, extra_plugins) -> dict[str, Any]:
-    run = settings.run
-    scenario = benchmark.scenario
-    timing = {"train_seconds": 0.0, "eval_seconds": 0.0, "eval_images": 0, "epochs": 0}
+class _ContinualRun:
+    """One continual run's strategy and progress: the tasks done, the matrix, the epoch records."""
 
-    def evaluate(point: int) -> None:
-        class_plugin.point = metric.point = point
-        columns = stream.eval_columns(point)
+    def __init__(self, settings: ContinualSettings, stream: ContinualStream, benchmark, learner, out: Path,
+                 method_config, train_config, plugin_configs, own_plugins, extra_plugins, loggers: _Loggers) -> None:
+        run = settings.run
+        self.settings, self.stream, self.benchmark, self.learner, self.out = settings, stream, benchmark, learner, out
+        self.method_config, self.train_config, self.plugin_configs = method_config, train_config, plugin_configs
+        self.extra_plugins = extra_plugins
+        self.class_plugin = ClassSetPlugin(stream)
+        self.metric = ContinualAccuracyMatrix(len(stream), stream.task_aware)
+        self.tasks_done = 0
+        self.task_history: list[list[dict[str, Any]]] = []
+        self.timing: dict[str, float] = {"train_seconds": 0.0, "eval_seconds": 0.0, "eval_images": 0, "epochs": 0}
+        self.resumed_from: dict[str, int] | None = None
+        self.identity = {
+            "method_label": settings.method,
+            "stream": config_to_dict(settings.stream),
+            "plugins": {name: config_to_dict(config) for name, config in plugin_configs.items()},
+            "stream_label": stream.label,
+        }
+        self.strategy = PromptStrategy(
+            learner=learner,
+            train_config=train_config,
+            device=run.device,
+            precision=run.precision,
+            plugins=[self.class_plugin, *own_plugins, *extra_plugins],
+            evaluator=EvaluationPlugin(self.metric, loggers=loggers.loggers),
+            checkpoint_dir=out,
+            progress=run.progress,
+            extra_state=self.state,
+        )
+
+    # -- checkpoint state -----------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """The runner's part of ``last.pt``: what identifies the run and how far it got."""
+        return {
+            "continual": {
+                "identity": self.identity,
+                "tasks_done": self.tasks_done,
+                "correct": [list(row) for row in self.metric.correct],
+                "total": [list(row) for row in self.metric.total],
+                "task_history": self.task_history,
+                "timing": dict(self.timing),
+                "plugins": {key: plugin.resume_state() for key, plugin in _resumable(self.extra_plugins).items()},
+            }
+        }
+
+    def restore(self, payload: dict[str, Any], path: Path) -> None:
+        """Continue from ``last.pt``: plugins first, then the strategy (whose RNG states come last).
+
+        Raises:
+            ValueError: the checkpoint belongs to another stream, method, plugin set or settings.
+        """
+        saved = (payload.get("extra") or {}).get("continual")
+        if saved is None:
+            raise ValueError(f"cannot resume from {path}: it is not a continual checkpoint. "
+                             "Rerun without --resume to start over")
+        differing = sorted(k for k in self.identity if saved["identity"].get(k) != self.identity[k])
+        if differing:
+            details = ", ".join(f"{k} (checkpoint {saved['identity'].get(k)!r}, now {self.identity[k]!r})" for k in differing)
+            raise ValueError(f"cannot resume from {path}: it was saved by a run with other continual settings: {details}. "
+                             "Resume with the same options, or rerun without --resume to start over")
+        plugins = _resumable(self.extra_plugins)
+        if set(plugins) != set(saved["plugins"]):
+            raise ValueError(f"cannot resume from {path}: its plugin state {sorted(saved['plugins'])} does not match "
+                             f"the plugins of this run {sorted(plugins)}. Rerun without --resume to start over")
+        train_stream = self.benchmark.scenario.train_stream
+        for key, plugin in plugins.items():
+            plugin.load_resume_state(saved["plugins"][key], self.strategy, train_stream)
+        self.metric.correct = [list(row) for row in saved["correct"]]
+        self.metric.total = [list(row) for row in saved["total"]]
+        self.tasks_done = int(saved["tasks_done"])
+        self.task_history = [list(records) for records in saved["task_history"]]
+        self.timing = dict(saved["timing"])
+        epochs = self.strategy.restore_training_state(payload)
+        self.resumed_from = {"tasks_done": self.tasks_done, "epochs_done": epochs}
+        logger.info("resuming %s on %s: %d of %d tasks done, %d epochs of the next", self.settings.method,
+                    self.stream.label, self.tasks_done, len(self.stream), epochs)
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def evaluate(self, point: int) -> None:
+        self.class_plugin.point = self.metric.point = point
+        columns = self.stream.eval_columns(point)
         start = time.perf_counter()
-        strategy.eval([scenario.test_stream[j] for j in columns], num_workers=train_config.num_workers)
-        timing["eval_seconds"] += time.perf_counter() - start
-        timing["eval_images"] += sum(len(stream.tasks[j].test) for j in columns)
+        self.strategy.eval([self.benchmark.scenario.test_stream[j] for j in columns], num_workers=self.train_config.num_workers)
+        self.timing["eval_seconds"] += time.perf_counter() - start
+        self.timing["eval_images"] += sum(len(self.stream.tasks[j].test) for j in columns)
 
-    trainable = train_config.epochs > 0 and learner.num_trainable_parameters() > 0
-    if not trainable:
-        logger.info("%s has nothing to train (epochs %d); every row evaluates the initial prompts",
-                    run.method, train_config.epochs)
-    evaluate(0)
-    task_history: list[list[dict[str, Any]]] = []
-    for index, experience in enumerate(scenario.train_stream):
-        task = stream.tasks[index]
-        logger.info("task %d/%d: %s (%d classes, %d training images)", index + 1, len(stream), task.name,
-                    len(task.train_classes.classnames), len(task.train))
-        first_record = len(strategy.history)
-        if trainable:
-            start = time.perf_counter()
-            strategy.train(experience, num_workers=train_config.num_workers,
-                           drop_last=len(task.train) >= train_config.batch_size)
-            timing["train_seconds"] += time.perf_counter() - start
-        records = strategy.epoch_history()[first_record:]
-        timing["epochs"] += len(records)
-        task_history.append(records)
-        learner.set_classnames(to_class_set(task.train_classes))
-        if not any(isinstance(p, SeparatePromptsPlugin) for p in extra_plugins):
-            save_checkpoint(out / "checkpoints" / f"after_task{index + 1}.pt", learner, task=index, stream=stream.label)
-        evaluate(index + 1)
-        write_json(out / "results.json", _results(settings, stream, benchmark, learner, metric, method_config,
-                                                  train_config, plugin_configs, task_history, timing, complete=False))
+    def run(self) -> dict[str, Any]:
+        settings, run, stream, learner, strategy = self.settings, self.settings.run, self.stream, self.learner, self.strategy
+        out, train_config = self.out, self.train_config
+        separate = any(isinstance(p, SeparatePromptsPlugin) for p in self.extra_plugins)
+        trainable = train_config.epochs > 0 and learner.num_trainable_parameters() > 0
+        if not trainable:
+            logger.info("%s has nothing to train (epochs %d); every row evaluates the initial prompts",
+                        run.method, train_config.epochs)
+        if self.resumed_from is None:
+            self.evaluate(0)
+        for index, experience in enumerate(self.benchmark.scenario.train_stream):
+            if index < self.tasks_done:
+                continue
+            task = stream.tasks[index]
+            logger.info("task %d/%d: %s (%d classes, %d training images)", index + 1, len(stream), task.name,
+                        len(task.train_classes.classnames), len(task.train))
+            # A task resumed after some epochs already has their records in the restored history.
+            first_record = len(strategy.history) - strategy.start_epoch
+            if trainable:
+                start = time.perf_counter()
+                strategy.train(experience, num_workers=train_config.num_workers,
+                               drop_last=len(task.train) >= train_config.batch_size)
+                self.timing["train_seconds"] += time.perf_counter() - start
+            records = strategy.epoch_history()[first_record:]
+            self.timing["epochs"] += len(records)
+            self.task_history.append(records)
+            learner.set_classnames(to_class_set(task.train_classes))
+            if not separate:
+                save_checkpoint(out / "checkpoints" / f"after_task{index + 1}.pt", learner, task=index, stream=stream.label)
+            self.evaluate(index + 1)
+            self.tasks_done = index + 1
+            write_json(out / "results.json", self.results(complete=False))
+            strategy.save_training_state(out / RESUME_FILE, finished_epochs=0)
 
-    learner.set_classnames(to_class_set(stream.tasks[-1].train_classes))
-    separate = [p for p in extra_plugins if isinstance(p, SeparatePromptsPlugin)]
-    if separate:
-        save_torch(out / "prompts_per_task.pt", {"schema": 1, "stream": stream.label, "states": separate[0].state_dict()})
-    else:
-        save_checkpoint(out / "model.pt", learner, stream=stream.label, seed=run.seed)
-    results = _results(settings, stream, benchmark, learner, metric, method_config, train_config, plugin_configs,
-                       task_history, timing, complete=True)
-    rows = len(results["accuracy_matrix"])
-    plot_accuracy_matrix(
-        results["accuracy_matrix"], results["accuracy_matrix_rows"], stream.task_names, out / "accuracy_matrix.png",
-        title=f"{settings.method} on {stream.label} (seed {run.seed})",
-    )
-    write_json(out / "results.json", results)
-    logger.info(
-        "%s %s seed %d: Avg %s Last %s Transfer %s forgetting %s BWT %s (%d rows) -> %s",
-        settings.method, stream.label, run.seed, *(_fmt(results.get(k)) for k in ("avg", "last", "transfer", "forgetting", "bwt")),
-        rows, out / "results.json",
-    )
-    return results
+        learner.set_classnames(to_class_set(stream.tasks[-1].train_classes))
+        separate_plugins = [p for p in self.extra_plugins if isinstance(p, SeparatePromptsPlugin)]
+        if separate_plugins:
+            save_torch(out / "prompts_per_task.pt", {"schema": 1, "stream": stream.label, "states": separate_plugins[0].state_dict()})
+        else:
+            save_checkpoint(out / "model.pt", learner, stream=stream.label, seed=run.seed)
+        results = self.results(complete=True)
+        rows = len(results["accuracy_matrix"])
+        plot_accuracy_matrix(
+            results["accuracy_matrix"], results["accuracy_matrix_rows"], stream.task_names, out / "accuracy_matrix.png",
+            title=f"{settings.method} on {stream.label} (seed {run.seed})",
+        )
+        write_json(out / "results.json", results)
+        (out / RESUME_FILE).unlink(missing_ok=True)
+        logger.info(
+            "%s %s seed %d: Avg %s Last %s Transfer %s forgetting %s BWT %s (%d rows) -> %s",
+            settings.method, stream.label, run.seed, *(_fmt(results.get(k)) for k in ("avg", "last", "transfer", "forgetting", "bwt")),
+            rows, out / "results.json",
+        )
+        return results
+
+    def results(self, complete: bool) -> dict[str, Any]:
+        results = _results(self.settings, self.stream, self.benchmark, self.learner, self.metric, self.method_config,
+                           self.train_config, self.plugin_configs, self.task_history, self.timing, complete)
+        results["resumed_from"] = self.resumed_from
+        return results
 
 
 def _fmt(value: Any) -> str:

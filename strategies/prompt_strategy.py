@@ -26,7 +26,7 @@ import os
 import random
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,10 @@ from learners.io import save_torch
 logger = logging.getLogger(__name__)
 
 PRECISION_DTYPES = {"fp32": None, "amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
+
+
+CLOCK_COUNTERS = ("train_iterations", "train_exp_counter", "total_iterations")
+"""Avalanche clock counters that carry across experiences (EWC reads ``train_exp_counter``)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -141,6 +145,8 @@ class PromptStrategy(SupervisedTemplate):
         checkpoint_dir: where ``last.pt`` (learnable state, optimizer, RNG, epoch) is written after
             every epoch; None disables epoch checkpoints.
         progress: show tqdm bars.
+        extra_state: function whose return value :meth:`save_training_state` stores under
+            ``extra``, for a runner's own progress (the continual accuracy matrix, plugin state).
     """
 
     def __init__(
@@ -154,6 +160,7 @@ class PromptStrategy(SupervisedTemplate):
         evaluator: EvaluationPlugin | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         progress: bool = True,
+        extra_state: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         if precision not in PRECISION_DTYPES:
             raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, got {precision!r}")
@@ -170,7 +177,8 @@ class PromptStrategy(SupervisedTemplate):
         self._terms: dict[str, torch.Tensor] = {}
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
-        self._resume_state: dict[str, Any] | None = None
+        self.extra_state = extra_state
+        self._pending_rng: dict[str, Any] | None = None
         self._optimizer_restored = False
         self.inputs_are_features = False  # mb_x contains frozen image features instead of pixels
         # A strategies.feature_cache.FeatureCache that the protocol runners set; None reads pixels.
@@ -299,11 +307,15 @@ class PromptStrategy(SupervisedTemplate):
     # Epoch bookkeeping, checkpoints and resume
 
     def _before_training_epoch(self, **kwargs):
+        self._apply_pending_rng()
         self.epoch = self.start_epoch + self.clock.train_exp_epochs
         self._term_sums, self._term_count = {}, 0
         super()._before_training_epoch(**kwargs)
 
     def _after_training_exp(self, **kwargs):
+        # A resume after the experience's last epoch trains no epoch: the RNG state saved then
+        # still belongs before the end-of-experience hooks (replay sampling, EWC importances).
+        self._apply_pending_rng()
         # A resume shortens only the experience it was saved in; later experiences run in full.
         self.start_epoch = 0
         self.train_epochs = self.total_epochs
@@ -343,13 +355,20 @@ class PromptStrategy(SupervisedTemplate):
         if self.checkpoint_dir is not None:
             self.save_training_state(self.checkpoint_dir / "last.pt")
 
-    def save_training_state(self, path: str | os.PathLike) -> None:
-        """Write learnable state, optimizer, scaler, RNG states and history atomically."""
+    def save_training_state(self, path: str | os.PathLike, finished_epochs: int | None = None) -> None:
+        """Write learnable state, optimizer, scaler, RNG states, clock and history atomically.
+
+        Args:
+            path: the checkpoint file.
+            finished_epochs: epochs of the current experience that are done; by default the epoch
+                that just ended. A runner saving between experiences passes 0.
+        """
+        clock = self.clock
         save_torch(
             path,
             checkpoint_payload(
                 self.model,
-                epoch=self.epoch + 1,
+                epoch=self.epoch + 1 if finished_epochs is None else finished_epochs,
                 total_epochs=self.total_epochs,
                 train_config=config_to_dict(self.train_config),
                 precision=self.precision,
@@ -357,20 +376,49 @@ class PromptStrategy(SupervisedTemplate):
                 scaler=self.scaler.state_dict(),
                 history=self.history,
                 global_step=self.global_step,
+                clock={name: getattr(clock, name) for name in CLOCK_COUNTERS},
                 rng={
                     "torch": torch.get_rng_state(),
                     "python": random.getstate(),
                     "numpy": np.random.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 },
+                extra=self.extra_state() if self.extra_state is not None else None,
             ),
         )
 
-    def restore_training_state(self, path: str | os.PathLike) -> int:
-        """Restore a :meth:`save_training_state` file; returns the number of finished epochs."""
+    @staticmethod
+    def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
+        """Read a :meth:`save_training_state` file.
+
+        Raises:
+            ValueError: the file is unreadable or holds no training state.
+        """
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # noqa: BLE001
+            raise ValueError(
+                f"cannot resume from {path}: the file is unreadable ({error}). Delete it and rerun without --resume"
+            ) from error
+        if not isinstance(payload, dict) or "optimizer" not in payload or "rng" not in payload:
+            raise ValueError(f"cannot resume from {path}: it holds no training state. Delete it and rerun without --resume")
+        return payload
+
+    def restore_training_state(self, source: str | os.PathLike | dict[str, Any]) -> int:
+        """Restore a :meth:`save_training_state` file or its payload; returns the finished epochs.
+
+        The RNG states take effect where they were saved: right away for a checkpoint written
+        between experiences (0 finished epochs), else at the start of the next epoch, after the
+        experience's setup hooks, so the resumed epochs draw the same random numbers.
+
+        Raises:
+            ValueError: the checkpoint was written with other training settings, another method,
+                backbone or method config, or is unreadable.
+        """
         from learners.checkpoint import load_checkpoint
 
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        path = source if not isinstance(source, dict) else "the checkpoint"
+        payload = source if isinstance(source, dict) else self.read_training_state(source)
         saved = payload.get("train_config", {})
         own = config_to_dict(self.train_config)
         differing = sorted(k for k in set(saved) | set(own) if saved.get(k) != own.get(k))
@@ -389,21 +437,32 @@ class PromptStrategy(SupervisedTemplate):
         load_checkpoint(payload, self.model)
         self.make_optimizer()
         self.optimizer.load_state_dict(payload["optimizer"])
-        self._optimizer_restored = True
         self.scaler.load_state_dict(payload["scaler"])
         self.history = list(payload["history"])
         self.global_step = int(payload["global_step"])
-        rng = payload["rng"]
+        for name, value in payload.get("clock", {}).items():
+            setattr(self.clock, name, value)
+        finished = int(payload["epoch"])
+        # Mid-experience, the restored optimizer state belongs to the experience being resumed;
+        # between experiences TrainConfig.reset_optimizer decides as in an uninterrupted run.
+        self._optimizer_restored = finished > 0
+        self._pending_rng = payload["rng"]
+        if finished == 0:
+            self._apply_pending_rng()
+        self.start_epoch = finished
+        self.train_epochs = max(self.total_epochs - finished, 0)
+        logger.info("resumed from %s after epoch %d/%d", path, finished, self.total_epochs)
+        return finished
+
+    def _apply_pending_rng(self) -> None:
+        rng, self._pending_rng = self._pending_rng, None
+        if rng is None:
+            return
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         if rng.get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        finished = int(payload["epoch"])
-        self.start_epoch = finished
-        self.train_epochs = max(self.total_epochs - finished, 0)
-        logger.info("resumed from %s after epoch %d/%d", path, finished, self.total_epochs)
-        return finished
 
     def epoch_history(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.history]

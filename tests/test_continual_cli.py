@@ -78,7 +78,6 @@ def test_two_task_run_through_cli(data_root: Path, tmp_path: Path) -> None:
         (["--plugins", "lwf,separate_prompts"], "cannot be combined"),
         (["--stream", "class-incremental", "--dataset", "dtd"], "needs --classes-per-step"),
         (["--set", "lwf.alpha=2"], "does not select"),
-        (["--resume"], "cannot resume"),
         (["--stream", "mtil", "--dataset", "dtd"], "--dataset is for"),
     ],
 )

@@ -14,6 +14,7 @@ import pytest
 
 import run_benchmark
 from learners.io import write_json
+from tests.process_support import wait_for_path
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("base_accuracy", "novel_accuracy", "harmonic_mean", "trainable_params", "num_train_images")
@@ -71,17 +72,6 @@ def test_non_finite_loss_stops_training(digits_root, tmp_path, caplog):
     assert "epochs (checkpoint 3, now 5)" in caplog.text
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"run ended before {path} appeared: {process.stderr.read().decode()[-2000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"{path} did not appear within {timeout} s")
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_identically(digits_root, tmp_path):
     extra = ("--epochs", "4", "--batch-size", "1")
@@ -93,7 +83,7 @@ def test_killed_run_resumes_identically(digits_root, tmp_path):
     command = [sys.executable, str(REPO / "run_benchmark.py"), *_args(digits_root, out, *extra)]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = out / "runs/base2novel/digits/coop/seed1/last.pt"
-    _wait_for(checkpoint, process, timeout=600)
+    wait_for_path(checkpoint, process, timeout=600)
     time.sleep(0.3)  # into the next epoch: 20 steps of batch 1 per epoch
     process.send_signal(signal.SIGKILL)
     process.wait()
