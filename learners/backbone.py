@@ -331,8 +331,11 @@ class ClipBackbone:
         length = embeddings.shape[1]
         if truncate:
             length = int(eot_index.max().item()) + 1
-            if deep:
-                slot_end = max(r.start + r.tokens.shape[-2] for r in deep.values() if r.start >= 0)
+            if deep and any(r.start < 0 for r in deep.values()):
+                # Slots counted from the end would move onto other tokens if the sequence were cut.
+                length = embeddings.shape[1]
+            elif deep:
+                slot_end = max(r.start + r.tokens.shape[-2] for r in deep.values())
                 length = max(length, slot_end)
         cast_dtype = text.transformer.get_cast_dtype()
         x = embeddings[:, :length].to(cast_dtype) + text.positional_embedding[:length].to(cast_dtype)  # (K, L, D)

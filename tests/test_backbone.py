@@ -52,6 +52,16 @@ def test_text_chunks_match_one_pass(backbone):
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
 
 
+def test_text_slots_from_the_end_disable_truncation(backbone):
+    ids = backbone.tokenize(["a photo of a cat.", "x"])
+    embeddings, eot = backbone.token_embedding(ids), backbone.eot_index(ids)
+    replacement = {2: TokenReplacement(torch.randn(2, backbone.text_width), start=-2)}
+    with torch.no_grad():
+        truncated = backbone.encode_text_tokens(embeddings, eot, deep=replacement, truncate=True)
+        full = backbone.encode_text_tokens(embeddings, eot, deep=replacement, truncate=False)
+    torch.testing.assert_close(truncated, full, rtol=0, atol=0)
+
+
 def test_image_encoder_matches_open_clip(backbone):
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
