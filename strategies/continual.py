@@ -46,6 +46,7 @@ from plugins.separate_prompts import SeparatePromptsPlugin
 from .experiment import (
     RESULTS_SCHEMA,
     RunSettings,
+    feature_cache,
     get_backbone,
     peak_memory,
     resolve_configs,
@@ -54,6 +55,7 @@ from .experiment import (
     seed_everything,
     training_plugins,
 )
+from .feature_cache import FeatureDataset
 from .prompt_strategy import PromptStrategy
 
 logger = logging.getLogger(__name__)
@@ -216,6 +218,9 @@ class _ContinualRun:
         self.task_history: list[list[dict[str, Any]]] = []
         self.timing: dict[str, float] = {"train_seconds": 0.0, "eval_seconds": 0.0, "eval_images": 0, "epochs": 0}
         self.resumed_from: dict[str, int] | None = None
+        self.cache = feature_cache(run, train_config, learner.backbone)
+        self._feature_tests: Any = None  # test stream of cached features, see feature_test_stream
+        self._feature_tests_checked = False
         self.identity = {
             "method_label": settings.method,
             "stream": config_to_dict(settings.stream),
@@ -284,11 +289,43 @@ class _ContinualRun:
 
     # -- the run --------------------------------------------------------------------------------
 
+    def feature_test_stream(self) -> Any:
+        """Return the test stream with every image replaced by its cached frozen feature, or None.
+
+        A learner without prompts in its image tower gets the same image features at every
+        evaluation point, so each test set is encoded once, not once per row of the matrix, and
+        later runs read it from the cache folder. None when the cache is off, does not apply to
+        the learner or would exceed its size limit. Evaluation then reads the images.
+        """
+        if not self._feature_tests_checked:
+            self._feature_tests_checked = True
+            cache, learner, test_sets = self.cache, self.learner, self.benchmark.test_sets
+            usable = (cache is not None and cache.applies_to(learner) and all(len(d) > 0 for d in test_sets)
+                      and all(cache.fits(learner, d) for d in test_sets))
+            if usable:
+                from avalanche.benchmarks import benchmark_from_datasets, task_incremental_benchmark
+                from avalanche.benchmarks.utils import as_classification_dataset
+
+                datasets = [as_classification_dataset(FeatureDataset(*cache.features(learner, d))) for d in test_sets]
+                # Avalanche requires a train stream; only the test stream is read.
+                scenario = benchmark_from_datasets(train=datasets, test=datasets)
+                self._feature_tests = task_incremental_benchmark(scenario).test_stream
+        return self._feature_tests
+
     def evaluate(self, point: int) -> None:
         self.class_plugin.point = self.metric.point = point
         columns = self.stream.eval_columns(point)
         start = time.perf_counter()
-        self.strategy.eval([self.benchmark.scenario.test_stream[j] for j in columns], num_workers=self.train_config.num_workers)
+        features = self.feature_test_stream()
+        strategy = self.strategy
+        if features is not None:
+            strategy.inputs_are_features = True
+            try:
+                strategy.eval([features[j] for j in columns], num_workers=0)
+            finally:
+                strategy.inputs_are_features = False
+        else:
+            strategy.eval([self.benchmark.scenario.test_stream[j] for j in columns], num_workers=self.train_config.num_workers)
         self.timing["eval_seconds"] += time.perf_counter() - start
         self.timing["eval_images"] += sum(len(self.stream.tasks[j].test) for j in columns)
 
@@ -351,6 +388,7 @@ class _ContinualRun:
         results = _results(self.settings, self.stream, self.benchmark, self.learner, self.metric, self.method_config,
                            self.train_config, self.plugin_configs, self.task_history, self.timing, complete)
         results["resumed_from"] = self.resumed_from
+        results["eval_from_feature_cache"] = self._feature_tests is not None
         return results
 
 

@@ -108,3 +108,34 @@ def test_class_incremental_zero_shot_run(data_root: Path, tmp_path: Path) -> Non
     assert results["train_seconds"] == 0.0
     assert sorted(results["class_order"]) == list(range(7))
     assert (Path(tmp_path) / "continual" / results["dataset"] / "zeroshot" / "seed1" / "model.pt").is_file()
+
+
+def test_evaluation_reads_cached_features(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    from strategies import feature_cache
+
+    encoded = []
+    original = feature_cache.FeatureCache._encode
+
+    def counting(self, learner, source, dataset, rows):
+        encoded.append(len(rows))
+        return original(self, learner, source, dataset, rows)
+
+    monkeypatch.setattr(feature_cache.FeatureCache, "_encode", counting)
+
+    def settings(cache: bool, out: Path) -> ContinualSettings:
+        return ContinualSettings(
+            run=RunSettings(method="coop", seed=1, shots=2, data_root=data_root, output_dir=out, model="toy-clip",
+                            pretrained="none", epochs=1, batch_size=4, cache_dir=out / "cache", progress=False,
+                            train_overrides={"feature_cache": cache}),
+            stream=StreamSpec(kind="datasets", datasets=("eurosat", "dtd")),
+        )
+
+    cached = run_continual(settings(True, tmp_path / "cached"))
+    assert cached["eval_from_feature_cache"] is True
+    assert encoded == [5, 5]  # each test set once, although the 3 evaluation points read both
+
+    images = run_continual(settings(False, tmp_path / "images"))
+    assert images["eval_from_feature_cache"] is False
+    assert encoded == [5, 5]
+    assert cached["correct_matrix"] == images["correct_matrix"]
+    assert cached["epochs"] == images["epochs"]
