@@ -11,7 +11,7 @@ from .backbone import ClipBackbone, PretrainedWeightsError, TokenReplacement, lo
 from .base import ClassSet, PromptLearner
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, build_optimizer, lr_at_epoch, parse_overrides
-from .registry import MethodSpec, get_method, list_methods, register_method
+from .registry import MethodSpec, ProtocolOverrides, get_method, list_methods, register_method
 
 # Method modules: imported explicitly so the registry is complete.
 from . import bip, cocoop, coop, coprompt, ivlp, kgcoop, maple, plot, plotpp, promptsrc, tcp, zeroshot  # noqa: E402,F401  isort: skip
@@ -22,6 +22,7 @@ __all__ = [
     "MethodSpec",
     "PretrainedWeightsError",
     "PromptLearner",
+    "ProtocolOverrides",
     "TokenReplacement",
     "TrainConfig",
     "build_learner",

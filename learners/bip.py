@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .backbone import TokenReplacement
 from .base import ClassSet, PromptLearner
 from .losses import cosine_consistency, knowledge_guided_distance
-from .registry import register_method
+from .registry import ProtocolOverrides, register_method
 from .tcp import TCP_DATASET_TRAIN_OVERRIDES, TCP_TRAIN_DEFAULTS, TCP, TCPConfig, check_blocks, knowledge_embedding
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,12 @@ class BIPConfig(TCPConfig):
     config_class=BIPConfig,
     train_defaults=TCP_TRAIN_DEFAULTS,
     dataset_train_overrides=TCP_DATASET_TRAIN_OVERRIDES,
+    protocol_overrides={
+        "transfer": ProtocolOverrides(
+            train={"epochs": 3, "batch_size": 128},
+            source="the BIP paper's cross-dataset setting: ImageNet, 16 shots, batch 128, 3 epochs",
+        ),
+    },
     citation="Bi-modality Individual-aware Prompt tuning for Visual-Language Model, IEEE TPAMI 2025, "
     "https://doi.org/10.1109/TPAMI.2025.3557780",
 )

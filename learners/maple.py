@@ -10,7 +10,7 @@ from torch import nn
 from .backbone import ClipBackbone
 from .config import TrainConfig
 from .deep_prompts import DeepPromptLearner, PromptTokens, check_prompt_depth, random_prompts
-from .registry import register_method
+from .registry import ProtocolOverrides, register_method
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,13 @@ class MaPLeConfig:
     "maple",
     config_class=MaPLeConfig,
     train_defaults=TrainConfig(epochs=5, batch_size=4, lr=0.0035),
+    protocol_overrides={
+        "transfer": ProtocolOverrides(
+            method={"depth": 3},
+            train={"epochs": 2, "lr": 0.0026},
+            source="configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml",
+        ),
+    },
     citation="MaPLe: Multi-modal Prompt Learning, https://arxiv.org/abs/2210.03117",
 )
 class MaPLe(DeepPromptLearner):

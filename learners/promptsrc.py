@@ -14,7 +14,7 @@ from .config import TrainConfig
 from .base import template_ensemble_features
 from .ivlp import IVLP, IVLPConfig
 from .losses import l1_consistency, logit_distillation_kl
-from .registry import register_method
+from .registry import ProtocolOverrides, register_method
 from .templates import get_ensemble
 
 
@@ -55,6 +55,22 @@ class PromptSRCConfig(IVLPConfig):
     "promptsrc",
     config_class=PromptSRCConfig,
     train_defaults=TrainConfig(epochs=20, batch_size=4, lr=0.0025),
+    protocol_overrides={
+        "transfer": ProtocolOverrides(
+            method={"depth_text": 3, "depth_vision": 3, "gpa_mean": 6.0, "gpa_std": 10.0},
+            train={"epochs": 20},
+            source="configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets.yaml",
+        ),
+        "fewshot": ProtocolOverrides(
+            method={"gpa_mean": 30.0, "gpa_std": 30.0},
+            train={"epochs": 50},
+            dataset_method={
+                name: {"gpa_mean": 45.0, "gpa_std": 5.0}
+                for name in ("stanford_cars", "oxford_flowers", "fgvc_aircraft", "dtd", "eurosat")
+            },
+            source="configs/trainers/PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml",
+        ),
+    },
     citation="Self-regulating Prompts: Foundational Model Adaptation without Forgetting, https://arxiv.org/abs/2307.06948",
 )
 class PromptSRC(IVLP):

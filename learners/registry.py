@@ -19,6 +19,29 @@ from .config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
+PROTOCOL_KEYS = ("base2novel", "fewshot", "transfer")
+"""Protocols a method may publish its own settings for; ``transfer`` covers cross-dataset and
+domain generalization, which train the same way on the source dataset."""
+
+
+@dataclass(frozen=True)
+class ProtocolOverrides:
+    """A method's published settings for one protocol, applied over its base-to-novel defaults.
+
+    Attributes:
+        method: method config field overrides.
+        train: TrainConfig field overrides. They win over the dataset overrides, because a
+            protocol's config file replaces the whole schedule.
+        dataset_method: dataset name -> method config overrides that hold in this protocol only.
+        source: the reference config file the values come from.
+    """
+
+    method: Mapping[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] = field(default_factory=dict)
+    dataset_method: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    source: str = ""
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """Everything the harness needs to build and train one method.
@@ -31,6 +54,8 @@ class MethodSpec:
         dataset_train_overrides: dataset name -> TrainConfig field overrides (ImageNet epochs...).
         dataset_config_overrides: dataset name -> method config overrides (CoPrompt's table).
         fewshot_epochs: shots -> epochs for the few-shot protocol, where the reference differs.
+        protocol_overrides: protocol (one of ``PROTOCOL_KEYS``) -> the settings the reference
+            publishes for it (MaPLe's cross-dataset config, PromptSRC's few-shot config).
         citation: paper title and link.
     """
 
@@ -41,6 +66,7 @@ class MethodSpec:
     dataset_train_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     dataset_config_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     fewshot_epochs: Mapping[int, int] = field(default_factory=dict)
+    protocol_overrides: Mapping[str, ProtocolOverrides] = field(default_factory=dict)
     citation: str = ""
 
 
@@ -55,9 +81,17 @@ def register_method(
     dataset_train_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     dataset_config_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     fewshot_epochs: Mapping[int, int] | None = None,
+    protocol_overrides: Mapping[str, ProtocolOverrides] | None = None,
     citation: str = "",
 ) -> Callable[[type], type]:
-    """Class decorator that registers a prompt learner under ``name``."""
+    """Class decorator that registers a prompt learner under ``name``.
+
+    Raises:
+        ValueError: ``protocol_overrides`` names a protocol outside ``PROTOCOL_KEYS``.
+    """
+    unknown = sorted(set(protocol_overrides or {}) - set(PROTOCOL_KEYS))
+    if unknown:
+        raise ValueError(f"method {name!r}: unknown protocols {unknown} in protocol_overrides; valid protocols: {list(PROTOCOL_KEYS)}")
 
     def decorator(cls: type) -> type:
         if name in _METHODS:
@@ -72,6 +106,7 @@ def register_method(
             dataset_train_overrides=dict(dataset_train_overrides or {}),
             dataset_config_overrides=dict(dataset_config_overrides or {}),
             fewshot_epochs=dict(fewshot_epochs or {}),
+            protocol_overrides=dict(protocol_overrides or {}),
             citation=citation,
         )
         return cls

@@ -95,11 +95,27 @@ def get_backbone(settings: RunSettings) -> ClipBackbone:
     return _BACKBONES[key]
 
 
-def resolve_configs(settings: RunSettings, dataset: str, shots: int | None = None) -> tuple[Any, TrainConfig]:
-    """Method and train configs: published defaults, the few-shot epochs for ``shots``, then
-    dataset overrides, then the user's."""
+def resolve_configs(settings: RunSettings, dataset: str, shots: int | None = None,
+                    protocol: str | None = None) -> tuple[Any, TrainConfig]:
+    """Return the method and train configs of one run.
+
+    Method config: published defaults, the dataset's overrides, the protocol's overrides and its
+    per-dataset ones, then the user's ``--set``. Train config: published defaults, the few-shot
+    epochs for ``shots``, the dataset's overrides, the protocol's, then the user's.
+
+    Args:
+        settings: the run; its method and user overrides are used.
+        dataset: the dataset trained on ("" for none).
+        shots: shot count that selects the method's few-shot epoch schedule, or None.
+        protocol: a key of :data:`learners.registry.PROTOCOL_KEYS` whose published settings apply,
+            or None for none.
+    """
     spec = get_method(settings.method)
+    protocol_values = spec.protocol_overrides.get(protocol) if protocol is not None else None
     method_values = dict(spec.dataset_config_overrides.get(dataset, {}))
+    if protocol_values is not None:
+        method_values.update(protocol_values.method)
+        method_values.update(protocol_values.dataset_method.get(dataset, {}))
     method_values.update(settings.method_overrides)
     method_config = spec.config_class(**method_values)
     train_values: dict[str, Any] = {}
@@ -108,6 +124,8 @@ def resolve_configs(settings: RunSettings, dataset: str, shots: int | None = Non
     # Dataset overrides win over the few-shot schedule: CoOp trains ImageNet for 50 epochs at
     # every shot count.
     train_values.update(spec.dataset_train_overrides.get(dataset, {}))
+    if protocol_values is not None:
+        train_values.update(protocol_values.train)
     train_values.update(settings.train_overrides)
     if settings.epochs is not None:
         train_values["epochs"] = settings.epochs

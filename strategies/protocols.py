@@ -11,9 +11,9 @@ Each run writes ``results.json`` atomically with ``complete: true`` last of all,
 skip finished runs; :func:`results_complete` also checks that a transfer run covered the
 requested targets.
 
-NOTE: the transfer protocols use the method's base-to-novel configs. Where a reference uses
-other settings for them (MaPLe: 2 epochs, LR 0.0026, prompt depth 3; PromptSRC: depth 3 and GPA
-mean 6, std 10), pass them with --epochs and --set.
+Each protocol trains with the method's published config for it where the reference releases
+one (``MethodSpec.protocol_overrides``: MaPLe's, PromptSRC's and BIP's cross-dataset settings,
+PromptSRC's few-shot settings), else with the base-to-novel config.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def class_set(splits: DatasetSplits) -> ClassSet:
     return ClassSet(splits.classnames, splits.template, splits.name)
 
 
-def train_learner(settings: RunSettings, splits: DatasetSplits, out: Path, shots: int | None = None) -> TrainedLearner:
+def train_learner(settings: RunSettings, splits: DatasetSplits, out: Path, shots: int | None = None,
+                  protocol: str | None = None) -> TrainedLearner:
     """Build the method's learner and train it on the train list of ``splits``.
 
     Args:
@@ -131,12 +132,13 @@ def train_learner(settings: RunSettings, splits: DatasetSplits, out: Path, shots
         out: Run folder for the epoch checkpoint ``last.pt``; with ``settings.resume`` training
             continues from it.
         shots: Shot count that selects the method's few-shot epoch schedule, or None.
+        protocol: ``base2novel``, ``fewshot`` or ``transfer``, whose published method settings apply.
 
     Returns:
         The trained learner with its class set still set to the training classes.
     """
     spec = get_method(settings.method)
-    method_config, train_config = resolve_configs(settings, splits.name, shots)
+    method_config, train_config = resolve_configs(settings, splits.name, shots, protocol)
     backbone = get_backbone(settings)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -272,7 +274,7 @@ def run_base2novel(settings: RunSettings) -> dict[str, Any]:
     base, novel = base2novel_splits(
         settings.dataset, settings.resolved_data_root(), settings.shots, settings.seed, settings.resolved_cache_dir() / "fewshot"
     )
-    trained = train_learner(settings, base, out)
+    trained = train_learner(settings, base, out, protocol="base2novel")
     base_eval = evaluate_split(trained, base, settings)
     novel_eval = evaluate_split(trained, novel, settings)
     trained.learner.set_classnames(trained.classes)
@@ -308,7 +310,7 @@ def run_fewshot(settings: RunSettings) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(settings.seed)
     splits = read_fewshot(settings, settings.dataset)
-    trained = train_learner(settings, splits, out, shots=settings.shots)
+    trained = train_learner(settings, splits, out, shots=settings.shots, protocol="fewshot")
     test = evaluate_split(trained, splits, settings)
     save_checkpoint(out / "model.pt", trained.learner, dataset=settings.dataset, seed=settings.seed)
 
@@ -350,7 +352,7 @@ def run_transfer(settings: RunSettings, protocol: str, targets: Sequence[str] | 
     # Read every target before training, so that a missing dataset fails in seconds.
     target_splits = {name: read_dataset(name, settings.resolved_data_root()) for name in targets}
     source = read_fewshot(settings, settings.dataset)
-    trained = train_learner(settings, source, out)
+    trained = train_learner(settings, source, out, protocol="transfer")
     save_checkpoint(out / "model.pt", trained.learner, dataset=settings.dataset, seed=settings.seed)
 
     source_eval = evaluate_split(trained, source, settings)

@@ -70,6 +70,38 @@ def test_fewshot_epoch_schedule():
     assert resolve_configs(RunSettings(method="coop", epochs=3), "dtd", 1)[1].epochs == 3
 
 
+def test_published_protocol_configs():
+    def resolve(method: str, dataset: str, protocol: str, **run) -> tuple:
+        return resolve_configs(RunSettings(method=method, **run), dataset, None, protocol)
+
+    maple, maple_train = resolve("maple", "imagenet", "transfer")
+    assert (maple.depth, maple_train.epochs, maple_train.lr) == (3, 2, 0.0026)
+    maple, maple_train = resolve("maple", "imagenet", "base2novel")
+    assert (maple.depth, maple_train.epochs, maple_train.lr) == (9, 5, 0.0035)
+
+    src, src_train = resolve("promptsrc", "imagenet", "transfer")
+    assert (src.depth_text, src.depth_vision, src.gpa_mean, src.gpa_std, src_train.epochs) == (3, 3, 6.0, 10.0, 20)
+    src, src_train = resolve("promptsrc", "caltech101", "fewshot")
+    assert (src.gpa_mean, src.gpa_std, src_train.epochs) == (30.0, 30.0, 50)
+    src, _ = resolve("promptsrc", "fgvc_aircraft", "fewshot")
+    assert (src.gpa_mean, src.gpa_std) == (45.0, 5.0)
+
+    # BIP's transfer schedule wins over its ImageNet dataset override (25 epochs, batch 128).
+    _, bip_train = resolve("bip", "imagenet", "transfer")
+    assert (bip_train.epochs, bip_train.batch_size) == (3, 128)
+
+    # The user's values win over every published one.
+    maple, maple_train = resolve("maple", "imagenet", "transfer", epochs=7, method_overrides={"depth": 5})
+    assert (maple.depth, maple_train.epochs) == (5, 7)
+
+
+def test_protocol_overrides_reject_unknown_protocol():
+    from learners import ProtocolOverrides, TrainConfig, register_method
+
+    with pytest.raises(ValueError, match=r"unknown protocols \['cross'\] in protocol_overrides; valid protocols: \['base2novel', 'fewshot', 'transfer'\]"):
+        register_method("nothing", object, TrainConfig(), protocol_overrides={"cross": ProtocolOverrides()})
+
+
 def test_fewshot_run_dir_has_shots(tmp_path):
     settings = RunSettings(method="coop", dataset="dtd", seed=2, shots=4, output_dir=tmp_path)
     assert run_dir(settings, "fewshot") == tmp_path / "fewshot" / "dtd" / "coop" / "shots4" / "seed2"
@@ -212,6 +244,19 @@ def test_domain_generalization_end_to_end(data_root, tmp_path):
     coop = next(r for r in summary["averages"] if r["method"] == "coop")
     assert coop["published_accuracy"] == 59.28
     assert coop["diff_accuracy"] == pytest.approx(coop["accuracy"] - 59.28)
+
+
+@pytest.mark.slow
+def test_transfer_run_uses_published_config(data_root, tmp_path):
+    settings = RunSettings(method="maple", dataset="caltech101", shots=1, data_root=data_root, output_dir=tmp_path,
+                           model="toy-clip", pretrained="none", progress=False, cache_dir=tmp_path)
+
+    results = protocols.run_cross_dataset(settings, ["dtd"])
+
+    assert results["config"]["method"]["depth"] == 3
+    assert results["config"]["train"]["epochs"] == 2
+    assert results["config"]["train"]["lr"] == 0.0026
+    assert [epoch["epoch"] for epoch in results["epochs"]] == [1, 2]
 
 
 @pytest.mark.slow
