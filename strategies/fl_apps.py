@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,6 +201,7 @@ def run_server(grid: Grid, settings: FederatedSettings, backend: str) -> dict[st
         failure_tolerance=settings.failure_tolerance,
         options=settings.strategy_options,
         client_lr=plan.train_config.lr,
+        seed=settings.seed,
     )
     header = {
         "method": settings.method,
@@ -239,8 +239,6 @@ def run_server(grid: Grid, settings: FederatedSettings, backend: str) -> dict[st
     run_config = ConfigRecord({**settings.to_run_config(), PARTITION_DIGEST_KEY: digest})
     logger.info("federated run: %d clients, %d rounds of %d local epochs, strategy %s, defaults from %s -> %s",
                 partition.num_clients, plan.rounds, plan.local_epochs, settings.strategy, plan.defaults.source, out)
-    # FedAvg samples clients with the global `random` module.
-    random.seed(settings.seed)
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,

@@ -13,7 +13,8 @@ import difflib
 import inspect
 import logging
 import math
-from collections.abc import Iterable
+import random
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -90,23 +91,39 @@ class RoundBookkeeping:
             reply before the timeout) in a round whose replies are still aggregated.
         round_records: Round -> traffic, per-client replies and failures of that round.
         node_partitions: Flower node id -> partition id, learned from the replies.
+        sampler: Random generator of the client sampling, seeded with the run seed.
     """
 
     failure_tolerance: float = 0.5
 
-    def init_bookkeeping(self, failure_tolerance: float) -> None:
+    def init_bookkeeping(self, failure_tolerance: float, seed: int) -> None:
         self.failure_tolerance = failure_tolerance
         self.round_records: dict[int, dict[str, Any]] = {}
         self.node_partitions: dict[int, int] = {}
+        self.sampler = random.Random(seed)
 
     def round_record(self, server_round: int) -> dict[str, Any]:
         return self.round_records.setdefault(server_round, new_round_record())
+
+    def _sample_with_own_rng(self, configure: Callable[..., Iterable[Message]], *args: Any) -> list[Message]:
+        """Call a Flower ``configure_*`` method with ``random`` drawing from ``sampler``.
+
+        Flower samples nodes with the module-level ``random``, which the learners reseed
+        whenever they are built, so without this every round would sample the same clients.
+        """
+        outer = random.getstate()
+        random.setstate(self.sampler.getstate())
+        try:
+            return list(configure(*args))
+        finally:
+            self.sampler.setstate(random.getstate())
+            random.setstate(outer)
 
     # -- training ---------------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        messages = self._sample_with_own_rng(super().configure_train, server_round, arrays, config, grid)  # type: ignore[misc]
         return self._record_sent(server_round, "train", messages)
 
     def aggregate_train(self, server_round: int,
@@ -134,7 +151,7 @@ class RoundBookkeeping:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        messages = super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+        messages = self._sample_with_own_rng(super().configure_evaluate, server_round, arrays, config, grid)  # type: ignore[misc]
         return self._record_sent(server_round, "evaluate", messages)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -266,7 +283,7 @@ def _typed(key: str, value: str, default: Any) -> Any:
 
 
 def build_strategy(name: str, *, num_clients: int, fraction_train: float, fraction_evaluate: float,
-                   failure_tolerance: float, options: str = "", client_lr: float = 0.001) -> Strategy:
+                   failure_tolerance: float, options: str = "", client_lr: float = 0.001, seed: int = 0) -> Strategy:
     """Build the Flower strategy ``name`` with :class:`RoundBookkeeping`, weighting by ``num-examples``.
 
     Args:
@@ -277,6 +294,7 @@ def build_strategy(name: str, *, num_clients: int, fraction_train: float, fracti
         failure_tolerance: See :class:`RoundBookkeeping`.
         options: Extra constructor arguments as ``key=value`` pairs (``proximal_mu=0.01``).
         client_lr: The clients' learning rate, which q-FedAvg needs.
+        seed: Seed of the client sampling.
 
     Raises:
         ValueError: An unknown strategy or option.
@@ -302,5 +320,5 @@ def build_strategy(name: str, *, num_clients: int, fraction_train: float, fracti
     kwargs.update(parse_strategy_options(base, options))
     tracked = type(f"Tracked{base.__name__}", (RoundBookkeeping, base), {"__module__": __name__})
     strategy = tracked(**kwargs)
-    strategy.init_bookkeeping(failure_tolerance)
+    strategy.init_bookkeeping(failure_tolerance, seed)
     return strategy

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import random
 
 import numpy as np
 import pytest
@@ -367,6 +368,26 @@ def test_strategies_by_name():
     with pytest.raises(ValueError, match="--fraction"):
         build_strategy("fedavg", num_clients=2, fraction_train=1.0, fraction_evaluate=1.0, failure_tolerance=0.5,
                        options="fraction_train=0.5")
+
+
+def test_sampling_draws_new_clients_each_round():
+    def sample_rounds(seed: int) -> list[list[int]]:
+        grid = InProcessGrid(client_app, 6)
+        strategy = build_strategy("fedavg", num_clients=6, fraction_train=0.5, fraction_evaluate=0.0,
+                                  failure_tolerance=0.5, seed=seed)
+        arrays = ArrayRecord(torch_state_dict={"ctx": torch.zeros(1)})
+        sampled = []
+        for server_round in range(1, 5):
+            random.seed(0)  # building a learner reseeds the module-level generator every round
+            messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            sampled.append(sorted(m.metadata.dst_node_id for m in messages))
+            assert random.random() == random.Random(0).random()  # the outer state is left as it was
+        return sampled
+
+    sampled = sample_rounds(seed=1)
+    assert all(len(nodes) == 3 for nodes in sampled)
+    assert len({tuple(nodes) for nodes in sampled}) > 1
+    assert sample_rounds(seed=1) == sampled
 
 
 def test_local_accuracy_mean_skips_empty_clients():
