@@ -43,7 +43,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser, dataset: bool = True,
     parser.add_argument("--precision", choices=("fp32", "amp-bf16", "amp-fp16"), default="fp32", help="fp32, or autocast with fp32 parameters (default: fp32)")
     parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE", help="override any method or train config field, e.g. --set n_ctx=16 train.lr=0.01")
     parser.add_argument("--cache-dir", type=Path, default=None, help="few-shot splits, weights and feature caches (default: $VLPROMPT_CACHE or ~/.cache/vlprompt)")
-    parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their last epoch checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted runs from the checkpoint of their last finished epoch (federated: round)")
     parser.add_argument("--force", action="store_true", help="rerun runs whose results.json is already complete")
     parser.add_argument("--on-bad-image", choices=("raise", "skip"), default="raise", help="stop on an unreadable image, or skip and count it (default: raise)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -369,8 +369,6 @@ def _run_federated(args: argparse.Namespace) -> int:
 
     if args.epochs is not None:
         raise ValueError("federated runs train --local-epochs per round for --rounds rounds; --epochs does not apply")
-    if args.resume:
-        raise ValueError("federated runs cannot resume; rerun without --resume (complete runs are skipped)")
     # Flower logs through its own console handler; propagating would print every line twice.
     logging.getLogger("flwr").propagate = False
     simulation = SimulationOptions(backend=args.backend, client_cpus=args.client_cpus, client_gpus=args.client_gpus, ray_cpus=args.ray_cpus, object_store_mb=args.ray_object_store_mb)
@@ -390,7 +388,7 @@ def _run_federated(args: argparse.Namespace) -> int:
             round_timeout=args.round_timeout, eval_every=args.eval_every, overrides=overrides, seed=seed,
             model=args.model, pretrained=args.pretrained, device=base[0].device, precision=args.precision,
             data_root=str(args.data_root or ""), cache_dir=str(args.cache_dir or ""), output_dir=str(args.output_dir),
-            on_bad_image=args.on_bad_image,
+            on_bad_image=args.on_bad_image, resume=args.resume,
         )
         for method in dict.fromkeys(s.method for s in base)
         for federation in federations
@@ -500,8 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return PROTOCOLS[args.protocol][2](args)
     except KeyboardInterrupt:
         logger.error(
-            "interrupted; the last finished epoch of the current run is kept as last.pt in its run folder: "
-            "run the same command with --resume to continue"
+            "interrupted; the current run's folder keeps the checkpoint of its last finished epoch (federated: "
+            "round): run the same command with --resume to continue"
         )
         return 130
     except (ValueError, OSError, NotImplementedError, RuntimeError, FloatingPointError) as error:

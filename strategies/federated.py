@@ -176,6 +176,11 @@ class FederatedSettings:
         eval_every: Server-side evaluation every this many rounds (always after the last).
         overrides: ``--set`` pairs, space-separated, e.g. ``"n_ctx=16 train.lr=0.01"``.
         data_root / cache_dir: Empty for the defaults ($VLPROMPT_DATA, $VLPROMPT_CACHE).
+        client_state_dir: Folder where each client also writes its local state, so that a
+            resumed run finds it after the client process died. A path on the client's machine
+            (a SuperNode may set it in its node config); empty keeps the state in the client's
+            Flower Context only. ``run_benchmark.py federated`` sets it inside the run folder.
+        resume: Continue from the run folder's round checkpoint (``resume.pt``) if there is one.
     """
 
     method: str = "coop"
@@ -207,8 +212,10 @@ class FederatedSettings:
     precision: str = "fp32"
     data_root: str = ""
     cache_dir: str = ""
+    client_state_dir: str = ""
     output_dir: str = "runs"
     on_bad_image: str = "raise"
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.datasets, str):
@@ -323,6 +330,12 @@ def _convert_run_config_value(key: str, value: Any, annotation: Any) -> Any:
         return None
     if tuple in (typing.get_origin(o) for o in options) or annotation is tuple:
         return tuple(v.strip() for v in str(value).split(",") if v.strip())
+    if bool in options:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "false"):
+            return str(value).lower() == "true"
+        raise ValueError(f"run config key {key!r}: expected true or false, got {value!r}")
     for kind in (int, float, str):
         if kind in options:
             if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):

@@ -14,8 +14,10 @@ Message layout:
 - evaluate message: ``arrays`` and ``config``; reply: ``metrics`` (``num-examples`` test
   images, ``local-accuracy``, ``partition-id``).
 
-A client's local (personalized) state lives in ``context.state["local-state"]``; the frozen
-backbone lives in a per-process cache and never enters a message or a Context.
+A client's local (personalized) state lives in ``context.state["local-state"]``, and also in
+``client-state-dir`` where the run config or node config names one (see
+:mod:`strategies.fl_resume`); the frozen backbone lives in a per-process cache and never enters
+a message or a Context.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,16 @@ from .federated import (
     run_dir,
 )
 from .fl_metrics import RunRecorder
+from .fl_resume import (
+    CLIENT_STATE_DIR,
+    RESUME_FILE,
+    RUN_TOKEN_KEY,
+    ClientStateFile,
+    RoundCheckpoint,
+    load_round_checkpoint,
+    restore_rng,
+    run_fingerprint,
+)
 from .fl_strategies import build_strategy, record_bytes
 
 logger = logging.getLogger(__name__)
@@ -62,7 +76,7 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 LOCAL_STATE_KEY = "local-state"
-NODE_CONFIG_KEYS = ("data-root", "cache-dir", "device")
+NODE_CONFIG_KEYS = ("data-root", "cache-dir", "client-state-dir", "device")
 """Run-config keys a SuperNode may override in its node config (paths and devices differ per machine)."""
 TELEMETRY_ENVIRONMENT = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -91,7 +105,7 @@ def client_plan(message: Message, context: Context) -> tuple[FederatedPlan, Fede
     """Resolve the plan, the federation and this client's partition id from the Context and the message.
 
     The message's config (sent by the server) wins over the Context's run config; the node
-    config wins for ``data-root``, ``cache-dir`` and ``device``.
+    config wins for ``data-root``, ``cache-dir``, ``client-state-dir`` and ``device``.
 
     Raises:
         KeyError: The node config has no ``partition-id``.
@@ -123,11 +137,31 @@ def client_plan(message: Message, context: Context) -> tuple[FederatedPlan, Fede
     return plan, partition, client_id
 
 
-def read_local_state(context: Context) -> dict[str, torch.Tensor] | None:
-    """Return the client's local state from its previous round, or None before its first round."""
-    if LOCAL_STATE_KEY not in context.state:
+def client_state_file(plan: FederatedPlan, client_id: int, config: ConfigRecord) -> ClientStateFile | None:
+    """Return the file that keeps this client's local state on its disk, or None where the run
+    names no ``client-state-dir`` (or the server sent no run token)."""
+    directory = plan.settings.client_state_dir
+    token = config.get(RUN_TOKEN_KEY)
+    if not directory or token is None:
         return None
-    return context.state[LOCAL_STATE_KEY].to_torch_state_dict()
+    return ClientStateFile(Path(directory) / f"client{client_id}.pt", str(token))
+
+
+def read_local_state(context: Context, state_file: ClientStateFile | None,
+                     latest_round: int) -> dict[str, torch.Tensor] | None:
+    """Return the client's local state after its last round up to ``latest_round``, or None
+    before its first round.
+
+    The Context contains it while the client process lives. A client that starts afresh (its
+    process died and the run was resumed) reads its ``state_file``.
+    """
+    if LOCAL_STATE_KEY in context.state:
+        return context.state[LOCAL_STATE_KEY].to_torch_state_dict()
+    # NOTE: without a client-state-dir the local state lives in the Context only, so after a
+    # resume (a new process, or a new `flwr run` with resume=true) it starts from its initial values.
+    if state_file is None:
+        return None
+    return state_file.load(latest_round)
 
 
 @client_app.train()
@@ -135,17 +169,21 @@ def train(msg: Message, context: Context) -> Message:
     """Train on this client's partition from the global state; reply with the global part."""
     plan, partition, client_id = client_plan(msg, context)
     config = msg.content[CONFIG_KEY]
+    server_round = int(config[SERVER_ROUND_KEY])
+    state_file = client_state_file(plan, client_id, config)
     update = local_train(
         plan,
         partition,
         client_id,
         msg.content[ARRAYS_KEY].to_torch_state_dict(),
-        read_local_state(context),
-        server_round=int(config[SERVER_ROUND_KEY]),
+        read_local_state(context, state_file, latest_round=server_round - 1),
+        server_round=server_round,
         proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
     )
     if update.local_state:
         context.state[LOCAL_STATE_KEY] = ArrayRecord(torch_state_dict=update.local_state)
+        if state_file is not None:
+            state_file.save(server_round, update.local_state)
     metrics = MetricRecord({
         NUM_EXAMPLES_KEY: update.num_examples,
         TRAIN_LOSS_KEY: update.loss_terms["loss"],
@@ -160,8 +198,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Personalized accuracy of the global state plus this client's local state on its test set."""
     plan, partition, client_id = client_plan(msg, context)
-    result = local_evaluate(plan, partition, client_id, msg.content[ARRAYS_KEY].to_torch_state_dict(),
-                            read_local_state(context))
+    config = msg.content[CONFIG_KEY]
+    local_state = read_local_state(context, client_state_file(plan, client_id, config),
+                                   latest_round=int(config[SERVER_ROUND_KEY]))
+    result = local_evaluate(plan, partition, client_id, msg.content[ARRAYS_KEY].to_torch_state_dict(), local_state)
     metrics = MetricRecord({
         NUM_EXAMPLES_KEY: result["total"],
         LOCAL_ACCURACY_KEY: float(result["accuracy"]),
@@ -174,8 +214,36 @@ def evaluate(msg: Message, context: Context) -> Message:
 # ServerApp
 
 
+def read_resume_checkpoint(settings: FederatedSettings) -> dict[str, Any] | None:
+    """Return the run folder's round checkpoint if ``settings.resume`` is set and one exists.
+
+    Without ``resume``, a checkpoint left by an interrupted run is deleted with a warning, so
+    the run starts over.
+
+    Raises:
+        ValueError: The checkpoint was saved with other settings, or cannot be read.
+    """
+    plan = resolve_plan(settings)
+    partition = load_partition(plan)
+    path = run_dir(plan, partition.num_clients) / RESUME_FILE
+    if not path.is_file():
+        if settings.resume:
+            logger.info("no round checkpoint at %s; starting from round 1", path)
+        return None
+    if not settings.resume:
+        logger.warning("%s is the round checkpoint of an interrupted run; starting over (pass --resume to continue it)",
+                       path)
+        path.unlink()
+        return None
+    fingerprint = run_fingerprint(settings, _partition_digest(partition))
+    return load_round_checkpoint(path, fingerprint, plan.rounds)
+
+
 def run_server(grid: Grid, settings: FederatedSettings, backend: str) -> dict[str, Any]:
     """Run every round of ``settings`` on ``grid`` and write the result files.
+
+    With ``settings.resume`` and a round checkpoint in the run folder, the run continues after
+    the checkpoint's round (see :mod:`strategies.fl_resume`).
 
     Returns:
         The complete ``results.json`` payload.
@@ -184,6 +252,7 @@ def run_server(grid: Grid, settings: FederatedSettings, backend: str) -> dict[st
     partition = load_partition(plan)
     out = run_dir(plan, partition.num_clients)
     out.mkdir(parents=True, exist_ok=True)
+    saved = read_resume_checkpoint(settings)
     partition_file = write_partition(out / "partitions.json", partition)
     digest = _partition_digest(partition)
 
@@ -203,6 +272,7 @@ def run_server(grid: Grid, settings: FederatedSettings, backend: str) -> dict[st
         client_lr=plan.train_config.lr,
         seed=settings.seed,
     )
+    rounds_resumed = saved["round"] if saved is not None else 0
     header = {
         "method": settings.method,
         "dataset": settings.dataset,
@@ -228,6 +298,7 @@ def run_server(grid: Grid, settings: FederatedSettings, backend: str) -> dict[st
         "fraction": plan.fraction,
         "fraction_evaluate": settings.fraction_evaluate,
         "backend": backend,
+        "rounds_resumed": rounds_resumed,
         "trainable_params": learner.num_trainable_parameters(),
         "global_state_params": sum(v.numel() for v in shared.values()),
         "local_state_params": sum(v.numel() for v in local.values()),
@@ -235,20 +306,32 @@ def run_server(grid: Grid, settings: FederatedSettings, backend: str) -> dict[st
         "global_keys": sorted(shared),
         "local_keys": sorted(local),
     }
-    recorder = RunRecorder(out, plan, partition, strategy, header)
-    run_config = ConfigRecord({**settings.to_run_config(), PARTITION_DIGEST_KEY: digest})
+    run_token = saved["run_token"] if saved is not None else uuid.uuid4().hex
+    checkpoint = RoundCheckpoint(out / RESUME_FILE, run_fingerprint(settings, digest), run_token)
+    recorder = RunRecorder(out, plan, partition, strategy, header, checkpoint=checkpoint)
+    run_config = ConfigRecord({**settings.to_run_config(), PARTITION_DIGEST_KEY: digest, RUN_TOKEN_KEY: run_token})
     logger.info("federated run: %d clients, %d rounds of %d local epochs, strategy %s, defaults from %s -> %s",
                 partition.num_clients, plan.rounds, plan.local_epochs, settings.strategy, plan.defaults.source, out)
+    start_arrays = initial
+    if saved is not None:
+        start_arrays = ArrayRecord(torch_state_dict=saved["arrays"])
+        strategy.load_state_dict(saved["strategy"])
+        # Set after loading, because the snapshot contains the offset of the process that saved it.
+        strategy.round_offset = rounds_resumed
+        recorder.load_state_dict(saved["recorder"])
+        # Last, so that the remaining rounds draw from the generators as the uninterrupted run did.
+        restore_rng(saved["rng"])
+        logger.info("resuming from %s after round %d of %d", checkpoint.path, rounds_resumed, plan.rounds)
     result = strategy.start(
         grid=grid,
-        initial_arrays=initial,
-        num_rounds=plan.rounds,
+        initial_arrays=start_arrays,
+        num_rounds=plan.rounds - rounds_resumed,
         timeout=settings.round_timeout,
         train_config=run_config,
         evaluate_config=ConfigRecord(dict(run_config)),
         evaluate_fn=recorder,
     )
-    return recorder.finish(result.arrays if result.arrays is not None else initial)
+    return recorder.finish(result.arrays if result.arrays is not None else start_arrays)
 
 
 server_app = ServerApp()
@@ -332,7 +415,12 @@ def run_federated(settings: FederatedSettings, simulation: SimulationOptions | N
     """Run one federation on this machine and return its ``results.json`` payload.
 
     The backbone weights (and the ``digits`` pre-training) are prepared here first, so that
-    simulated clients only read the cached file.
+    simulated clients only read the cached file. Unless ``settings`` name a
+    ``client_state_dir``, the clients keep their local state in ``client_state`` inside the
+    run folder while the run is incomplete, so that ``resume`` restores it.
+
+    Raises:
+        ValueError: ``resume`` is set and the run folder's checkpoint was saved with other settings.
     """
     simulation = simulation or SimulationOptions()
     disable_telemetry()
@@ -340,11 +428,27 @@ def run_federated(settings: FederatedSettings, simulation: SimulationOptions | N
     federated_backbone(settings)
     partition = load_partition(plan)
     logger.info("method %s, config %s", settings.method, config_to_dict(plan.method_config))
+    if settings.resume and simulation.backend == "ray":
+        # run_server checks it as well, but under Ray its error would only reach the log.
+        read_resume_checkpoint(settings)
+    client_dir = None
+    if not settings.client_state_dir:
+        client_dir = (run_dir(plan, partition.num_clients) / CLIENT_STATE_DIR).absolute()
+        settings = dataclasses.replace(settings, client_state_dir=str(client_dir))
+        if not settings.resume:
+            shutil.rmtree(client_dir, ignore_errors=True)
+    results = _simulate(settings, simulation, partition.num_clients)
+    if client_dir is not None:
+        shutil.rmtree(client_dir, ignore_errors=True)
+    return results
+
+
+def _simulate(settings: FederatedSettings, simulation: SimulationOptions, num_clients: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if simulation.backend == "inprocess":
         from .fl_inprocess import InProcessGrid
 
-        grid = InProcessGrid(client_app, partition.num_clients)
+        grid = InProcessGrid(client_app, num_clients)
         results.update(run_server(grid, settings, backend="inprocess"))
         return results
 
@@ -355,7 +459,7 @@ def run_federated(settings: FederatedSettings, simulation: SimulationOptions | N
     run_simulation(
         server_app=make_server_app(settings, "ray", results),
         client_app=client_app,
-        num_supernodes=partition.num_clients,
+        num_supernodes=num_clients,
         backend_config=simulation.backend_config(),
     )
     if not results.get("complete"):

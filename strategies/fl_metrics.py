@@ -4,7 +4,8 @@
 the first round and after every round, when the round's training and client evaluation are done.
 It evaluates the global state on the server, joins the strategy's bookkeeping of the round
 (traffic, per-client loss and accuracy, failures) and rewrites the files, so an interrupted run
-leaves every finished round on disk with ``complete: false``.
+leaves every finished round on disk with ``complete: false``. It then writes the round
+checkpoint that ``--resume`` continues from.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .federated import (
     FederatedPlan,
     evaluate_global,
 )
+from .fl_resume import RoundCheckpoint
 from .fl_strategies import RoundBookkeeping
 
 logger = logging.getLogger(__name__)
@@ -64,23 +66,33 @@ class RunRecorder:
         partition: The federation.
         strategy: The strategy, whose :class:`RoundBookkeeping` records the traffic.
         header: Fixed fields of ``results.json`` (method, partition, parameter counts...).
+        checkpoint: Where to save the state after each round, or None to save none.
     """
 
     def __init__(self, out: Path, plan: FederatedPlan, partition: FederatedPartition, strategy: RoundBookkeeping,
-                 header: dict[str, Any]) -> None:
+                 header: dict[str, Any], checkpoint: RoundCheckpoint | None = None) -> None:
         self.out = out
         self.plan = plan
         self.partition = partition
         self.strategy = strategy
         self.header = header
+        self.checkpoint = checkpoint
         self.initial: dict[str, Any] | None = None
         self.rounds: list[dict[str, Any]] = []
+        self.seconds_before = 0.0
         self.started = time.perf_counter()
         self._last_time = self.started
 
     # -- Flower's evaluate_fn ---------------------------------------------------------------
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and self.strategy.round_offset > 0:
+            # Strategy.start evaluates its initial arrays first. After a resume they are the state
+            # after the saved round, whose row already contains that evaluation.
+            logger.info("resumed after round %d/%d; round 0 keeps its saved evaluation",
+                        self.strategy.round_offset, self.plan.rounds)
+            return None
+        server_round += self.strategy.round_offset
         evaluate = server_round == 0 or server_round == self.plan.rounds or server_round % self.plan.settings.eval_every == 0
         global_metrics = evaluate_global(self.plan, self.partition, arrays.to_torch_state_dict()) if evaluate else None
         if server_round == 0:
@@ -91,6 +103,9 @@ class RunRecorder:
             self.rounds.append(row)
             self._log_round(row)
             self.write(complete=False)
+            if self.checkpoint is not None:
+                self.checkpoint.save(server_round, arrays.to_torch_state_dict(), self.state_dict(),
+                                     self.strategy.state_dict())
         if global_metrics is None:
             return None
         return MetricRecord({k.replace("_", "-"): float(v) for k, v in global_metrics.items() if k != "per_dataset"})
@@ -155,6 +170,22 @@ class RunRecorder:
             parts.append(f"failed: {row['clients_failed']} train, {row['evaluate_failed']} evaluate")
         logger.info("%s", ", ".join(parts))
 
+    # -- state of a resumable run -----------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return what a resumed run needs: the initial evaluation, the round rows and the seconds so far."""
+        return {"initial": self.initial, "rounds": self.rounds, "seconds": self.elapsed()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` of an interrupted run."""
+        self.initial = state["initial"]
+        self.rounds = list(state["rounds"])
+        self.seconds_before = float(state["seconds"])
+
+    def elapsed(self) -> float:
+        """Seconds of the run, including those of the processes it was resumed from."""
+        return self.seconds_before + time.perf_counter() - self.started
+
     # -- files ------------------------------------------------------------------------------
 
     def results(self, complete: bool) -> dict[str, Any]:
@@ -176,7 +207,7 @@ class RunRecorder:
             "rounds_not_aggregated": [r["round"] for r in self.rounds if not r["aggregated"]],
             "bytes_sent_total": sum(r["bytes_sent"] for r in self.rounds),
             "bytes_received_total": sum(r["bytes_received"] for r in self.rounds),
-            "seconds": time.perf_counter() - self.started,
+            "seconds": self.elapsed(),
             "server_peak_memory_bytes": memory,
             "server_peak_memory_kind": memory_kind,
             "config": {
@@ -200,9 +231,11 @@ class RunRecorder:
         return results
 
     def finish(self, final_arrays: ArrayRecord) -> dict[str, Any]:
-        """Save the final global state and write the complete result files."""
+        """Save the final global state, write the complete result files and delete the round checkpoint."""
         save_torch(self.out / "global_state.pt", {"state": final_arrays.to_torch_state_dict(), **self.header})
         results = self.write(complete=True)
+        if self.checkpoint is not None:
+            self.checkpoint.remove()
         logger.info(
             "%s %s: last round global accuracy %s, local accuracy mean %s -> %s",
             self.plan.settings.method, self.plan.settings.dataset,

@@ -86,24 +86,58 @@ def new_round_record() -> dict[str, Any]:
 class RoundBookkeeping:
     """Mixin placed before a Flower strategy class in the MRO (see :func:`build_strategy`).
 
+    Every hook adds ``round_offset`` to the round number that ``Strategy.start`` passes, so a
+    run resumed after round N that starts Flower's loop at 1 sends, records and aggregates the
+    true rounds N + 1, N + 2...
+
     Attributes:
         failure_tolerance: Largest fraction of the sampled clients that may fail (raise, or not
             reply before the timeout) in a round whose replies are still aggregated.
         round_records: Round -> traffic, per-client replies and failures of that round.
         node_partitions: Flower node id -> partition id, learned from the replies.
         sampler: Random generator of the client sampling, seeded with the run seed.
+        round_offset: Rounds finished before ``Strategy.start`` was called (0 unless resumed).
     """
 
     failure_tolerance: float = 0.5
+    round_offset: int = 0
 
     def init_bookkeeping(self, failure_tolerance: float, seed: int) -> None:
         self.failure_tolerance = failure_tolerance
         self.round_records: dict[int, dict[str, Any]] = {}
         self.node_partitions: dict[int, int] = {}
         self.sampler = random.Random(seed)
+        self.round_offset = 0
 
     def round_record(self, server_round: int) -> dict[str, Any]:
         return self.round_records.setdefault(server_round, new_round_record())
+
+    # -- state of a resumable run -----------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return every instance attribute that is not a function: the options, the bookkeeping,
+        the sampler and the state the Flower class keeps between rounds. In flwr 1.42 that is
+        FedAvgM's ``momentum_vector`` and ``current_arrays``, the FedOpt family's ``m_t``, ``v_t``
+        and ``current_arrays``, and q-FedAvg's ``current_arrays``.
+
+        The values are the live objects; pickle the snapshot (``torch.save``) to copy it.
+        """
+        return {name: value for name, value in vars(self).items() if not callable(value)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` snapshot into a strategy built with the same options.
+
+        Raises:
+            ValueError: The snapshot's attributes differ from this strategy's, so it was taken
+                from another strategy class or another flwr version.
+        """
+        own = set(self.state_dict())
+        if set(state) != own:
+            raise ValueError(
+                f"the saved strategy state does not fit {type(self).__name__}: attributes only in the checkpoint "
+                f"{sorted(set(state) - own)}, only in this strategy {sorted(own - set(state))}"
+            )
+        vars(self).update(state)
 
     def _sample_with_own_rng(self, configure: Callable[..., Iterable[Message]], *args: Any) -> list[Message]:
         """Call a Flower ``configure_*`` method with ``random`` drawing from ``sampler``.
@@ -123,11 +157,13 @@ class RoundBookkeeping:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = self._sample_with_own_rng(super().configure_train, server_round, arrays, config, grid)  # type: ignore[misc]
         return self._record_sent(server_round, "train", messages)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         record = self.round_record(server_round)
         sampled = record["train_sampled"]
@@ -151,10 +187,12 @@ class RoundBookkeeping:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = self._sample_with_own_rng(super().configure_evaluate, server_round, arrays, config, grid)  # type: ignore[misc]
         return self._record_sent(server_round, "evaluate", messages)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         record = self.round_record(server_round)
         self._collect(record, "evaluate", record["evaluate_sampled"], replies)
