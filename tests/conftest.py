@@ -10,8 +10,9 @@ import torch
 
 # The test models are tiny: one thread avoids oversubscribing the 2 CI cores with thread pools.
 torch.set_num_threads(1)
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Set, not defaulted: no test may let Flower or Ray phone home, whatever the caller's environment.
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 warnings.filterwarnings("ignore", module="qpsolvers")
 
 

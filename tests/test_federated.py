@@ -43,12 +43,6 @@ from strategies.fl_strategies import TIMEOUT_REASON, build_strategy, evaluate_me
 from tests.fixtures.coop_layouts import make_dataset
 
 
-@pytest.fixture(autouse=True)
-def no_telemetry(monkeypatch):
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-
-
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory):
     """A 4-class fake Caltech101 with 4 train and 2 test images per class."""

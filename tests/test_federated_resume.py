@@ -32,12 +32,6 @@ ROW_KEYS = (
 """Every field of a round row except ``seconds``."""
 
 
-@pytest.fixture(autouse=True)
-def no_telemetry(monkeypatch):
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-
-
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory):
     """A 6-class fake Caltech101 with 4 train and 3 test images per class."""
