@@ -39,7 +39,15 @@ from benchmarks.streams import make_experience
 from learners import ClassSet, ClipBackbone, PromptLearner, TrainConfig, get_method, parse_overrides
 from plugins.proximal import ProximalTermPlugin
 
-from .experiment import RunSettings, evaluate, get_backbone, harmonic_mean, seed_everything, training_plugins
+from .experiment import (
+    RunSettings,
+    evaluate,
+    feature_cache,
+    get_backbone,
+    harmonic_mean,
+    seed_everything,
+    training_plugins,
+)
 from .prompt_strategy import PromptStrategy
 
 logger = logging.getLogger(__name__)
@@ -615,7 +623,7 @@ class ClientUpdate:
 
 def _strategy(plan: FederatedPlan, learner: PromptLearner, plugins: list | None = None) -> PromptStrategy:
     settings = plan.settings
-    return PromptStrategy(
+    strategy = PromptStrategy(
         learner=learner,
         train_config=plan.train_config,
         device=settings.device,
@@ -623,6 +631,11 @@ def _strategy(plan: FederatedPlan, learner: PromptLearner, plugins: list | None 
         plugins=[*training_plugins(learner, plan.method_config), *(plugins or [])],
         progress=False,
     )
+    # The server and every client evaluate the same test images each round: for a learner
+    # without image prompts they are encoded once and read from the cache folder afterwards.
+    # Local training reads images.
+    strategy.feature_cache = feature_cache(settings.run_settings(), plan.train_config, learner.backbone)
+    return strategy
 
 
 def local_train(plan: FederatedPlan, partition: FederatedPartition, client_id: int, global_state: Mapping[str, Tensor],

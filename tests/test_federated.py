@@ -39,6 +39,7 @@ from strategies.federated import (
 )
 from strategies.fl_apps import ARRAYS_KEY, CONFIG_KEY, LOCAL_STATE_KEY, client_app
 from strategies.fl_inprocess import InProcessGrid
+from strategies.feature_cache import FeatureCache
 from strategies.fl_strategies import TIMEOUT_REASON, build_strategy, evaluate_metrics_mean, record_bytes
 from tests.fixtures.coop_layouts import make_dataset
 
@@ -409,6 +410,14 @@ def test_inprocess_run_reports_failed_client(fake_root, tmp_path, monkeypatch):
         return real_train(plan, partition, client_id, global_state, local_state, server_round=server_round, **kwargs)
 
     monkeypatch.setattr(fl_apps, "local_train", flaky_train)
+    encoded = []
+    encode = FeatureCache._encode
+
+    def counting_encode(self, learner, source, dataset, rows):
+        encoded.append(len(rows))
+        return encode(self, learner, source, dataset, rows)
+
+    monkeypatch.setattr(FeatureCache, "_encode", counting_encode)
     status = run_benchmark.main([
         "federated", "--method", "coop", "--dataset", "caltech101", "--partition", "base2novel",
         "--base-scheme", "dirichlet", "--clients", "3", "--alpha", "1.0", "--rounds", "2", "--local-epochs", "1",
@@ -439,6 +448,10 @@ def test_inprocess_run_reports_failed_client(fake_root, tmp_path, monkeypatch):
         assert results[key] == second[key]  # the last round, never the best
     assert results["hm"] == pytest.approx(2 * second["base_accuracy"] * second["novel_accuracy"]
                                           / (second["base_accuracy"] + second["novel_accuracy"]))
+    # Every evaluation after the first read cached features: the server's three test lists (all,
+    # base and novel classes of 4 test images each) and each client's were encoded once in 2 rounds.
+    client_tests = [c["num_test"] for c in results["client_sizes"] if c["num_test"] > 0]
+    assert sorted(encoded) == sorted([8, 4, 4, *client_tests])
 
     partition = json.loads((run / "partitions.json").read_text())
     assert partition["digest"] == results["partition_digest"]
