@@ -153,19 +153,23 @@ def _is_complete(path: Path) -> bool:
         return False
 
 
-def _stored_differences(setting: Any, results_path: Path) -> list[str]:
-    """Differences between the requested settings and those recorded in a results file."""
+def _stored_differences(protocol: str, setting: Any, results_path: Path) -> list[str]:
+    """Differences between the requested settings and those recorded in a results file.
+
+    Continual and federated settings compare themselves (``stored_differences``); the paper
+    protocols compare the run fields and the resolved configs of ``protocol``.
+    """
     import json
 
     from strategies.experiment import RunSettings, stored_config_differences
 
-    if not isinstance(setting, RunSettings):
-        return []
     try:
         results = json.loads(results_path.read_text())
     except (OSError, ValueError):
         return []
-    return stored_config_differences(setting, results)
+    if isinstance(setting, RunSettings):
+        return stored_config_differences(setting, results, protocol)
+    return setting.stored_differences(results)
 
 
 def run_sweep(
@@ -174,22 +178,28 @@ def run_sweep(
     run: Callable[[Any], dict],
     force: bool,
     is_complete: Callable[[Any, Path], bool] | None = None,
+    results_file: Callable[[Any], Path] | None = None,
 ) -> int:
     """Run every setting; skip complete ones unless ``force``; report failures and go on.
 
-    ``is_complete(setting, results_path)`` decides what counts as complete (default: the
-    results file contains ``"complete": true``).
+    A complete run made with other settings is not skipped silently: the sweep names the
+    differences and asks for ``--force`` or another output folder.
+
+    Args:
+        is_complete: ``is_complete(setting, results_path)`` decides what counts as complete
+            (default: the results file contains ``"complete": true``).
+        results_file: the ``results.json`` path of a setting (default: in ``run_dir``).
     """
+    from learners.io import remove_temporaries
     from strategies.experiment import run_dir
 
     failures = []
     for index, setting in enumerate(settings, 1):
-        folder = run_dir(setting, protocol)
-        label = folder.relative_to(setting.output_dir).as_posix()
-        results_path = folder / "results.json"
+        results_path = results_file(setting) if results_file is not None else run_dir(setting, protocol) / "results.json"
+        label = results_path.parent.relative_to(setting.output_dir).as_posix()
         complete = is_complete(setting, results_path) if is_complete is not None else _is_complete(results_path)
         if not force and complete:
-            differences = _stored_differences(setting, results_path)
+            differences = _stored_differences(protocol, setting, results_path)
             if not differences:
                 logger.info("[%d/%d] %s: complete results exist, skipped (--force reruns)", index, len(settings), label)
                 continue
@@ -203,6 +213,9 @@ def run_sweep(
             failures.append((label, error))
             continue
         logger.info("[%d/%d] %s", index, len(settings), label)
+        stale = remove_temporaries(results_path.parent)
+        if stale:
+            logger.info("removed %d temporary files of interrupted writes: %s", len(stale), ", ".join(p.name for p in stale))
         try:
             run(setting)
         except KeyboardInterrupt:
@@ -395,7 +408,7 @@ def _run_federated(args: argparse.Namespace) -> int:
         for seed in args.seeds
     ]
     run = functools.partial(run_federated, simulation=simulation)
-    return run_sweep(PROTOCOL, settings, run, args.force, is_complete=lambda setting, _: _is_complete(results_path(setting)))
+    return run_sweep(PROTOCOL, settings, run, args.force, results_file=results_path)
 
 
 PROTOCOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {

@@ -34,6 +34,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     return path
 
 
+TEMPORARY_PATTERN = ".*.tmp"
+"""Names of the temporary files of :func:`atomic_write`; a kill during a write can leave one behind."""
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes left under ``folder``.
+
+    Returns:
+        The deleted paths.
+    """
+    folder = Path(folder)
+    stale = sorted(folder.rglob(TEMPORARY_PATTERN)) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically."""
     return atomic_write(path, lambda f: json.dump(data, f, indent=2, sort_keys=False, allow_nan=True), "w")

@@ -40,7 +40,7 @@ from learners.config import config_to_dict
 from learners.io import save_torch, write_json
 from plugins.class_sets import ClassSetPlugin, to_class_set
 from plugins.continual_metrics import ContinualAccuracyMatrix, summarize_matrix
-from plugins.registry import PluginContext, build_plugins, parse_plugin_overrides, plugin_names
+from plugins.registry import PLUGINS, PluginContext, build_plugins, parse_plugin_overrides, plugin_names
 from plugins.separate_prompts import SeparatePromptsPlugin
 
 from .experiment import (
@@ -52,7 +52,9 @@ from .experiment import (
     resolve_configs,
     run_config_record,
     run_dir,
+    section_differences,
     seed_everything,
+    stored_config_differences,
     training_plugins,
 )
 from .feature_cache import FeatureDataset
@@ -101,6 +103,21 @@ class ContinualSettings:
     @property
     def output_dir(self) -> Path:
         return Path(self.run.output_dir)
+
+    def stored_differences(self, results: Mapping[str, Any]) -> list[str]:
+        """What this run would use that a finished run's ``results.json`` did not: the run fields,
+        the resolved method and train configs, the plugins' configs and the stream's settings."""
+        stored = results.get("config", {}) if isinstance(results.get("config"), dict) else {}
+        differences = stored_config_differences(self.run, results, dataset="")
+        stored_plugins = stored.get("plugins", {})
+        if isinstance(stored_plugins, dict) and sorted(stored_plugins) != sorted(self.plugins):
+            differences.append(f"plugins: stored {sorted(stored_plugins)!r}, requested {sorted(self.plugins)!r}")
+        else:
+            for name in self.plugins:
+                config = PLUGINS[name].config_class(**dict(self.plugin_overrides.get(name, {})))
+                differences += section_differences(name, stored_plugins.get(name), config_to_dict(config))
+        differences += section_differences("stream", stored.get("stream"), config_to_dict(self.stream))
+        return differences
 
 
 def _finite(value: Any) -> Any:

@@ -21,6 +21,7 @@ import torch
 
 from benchmarks import ImageListDataset, default_data_root
 from learners import ClassSet, ClipBackbone, PromptLearner, TrainConfig, get_method, load_backbone
+from learners.config import config_to_dict, json_ready
 from plugins.gpa import gpa_plugins
 from plugins.prototypes import prototype_plugins
 
@@ -183,19 +184,51 @@ def evaluate(strategy: PromptStrategy, learner: PromptLearner, classes: ClassSet
 
 _COMPARED_RUN_FIELDS = ("precision", "shots", "seed", "model", "pretrained")
 
+RESULT_NEUTRAL_TRAIN_FIELDS = frozenset({"num_workers", "eval_batch_size", "feature_cache_max_gb", "max_text_chunk",
+                                         "text_checkpoint"})
+"""Train fields that change speed or memory only, so finished results stay valid when they differ."""
 
-def stored_config_differences(settings: RunSettings, results: Mapping[str, Any]) -> list[str]:
-    """What the user asked for that a finished run's ``results.json`` did not use.
+PROTOCOL_CONFIG_KEYS = {"base2novel": "base2novel", "fewshot": "fewshot", "cross-dataset": "transfer",
+                        "domain-generalization": "transfer"}
+"""Command-line protocol -> the key of its published method settings (``MethodSpec.protocol_overrides``)."""
 
-    Compares the run fields that change results (precision, shots, seed, model, weights), the
-    ``--epochs``/``--batch-size`` shortcuts and every ``--set`` override. Device and data root
-    are not compared: the same data on another device or path gives comparable results.
+
+def section_differences(section: str, stored: Any, requested: Mapping[str, Any],
+                        ignore: frozenset[str] = frozenset()) -> list[str]:
+    """List ``"SECTION.KEY: stored X, requested Y"`` for every key of both that differs.
+
+    Keys that a results file of an older version does not record are not compared.
+    """
+    if not isinstance(stored, Mapping):
+        return []
+    differences = []
+    for key, value in requested.items():
+        value = json_ready(value)
+        if key in stored and key not in ignore and stored[key] != value:
+            differences.append(f"{section}.{key}: stored {stored[key]!r}, requested {value!r}")
+    return differences
+
+
+def stored_config_differences(settings: RunSettings, results: Mapping[str, Any], protocol: str | None = None,
+                              dataset: str | None = None) -> list[str]:
+    """What a run with ``settings`` would use that a finished run's ``results.json`` did not.
+
+    Compares the run fields that change results (precision, shots, seed, model, weights) and the
+    resolved method and train configs: published defaults, protocol and dataset settings, and
+    the user's ``--set``, ``--epochs`` and ``--batch-size``. Train fields that change speed or
+    memory only are not compared, nor are device and data root: the same data on another device
+    or path gives comparable results.
+
+    Args:
+        settings: the requested run.
+        results: the stored ``results.json`` payload.
+        protocol: the command-line protocol, which selects published protocol settings and the
+            few-shot epoch schedule.
+        dataset: the dataset trained on; by default ``settings.dataset`` ("" for continual runs).
 
     Returns:
         One ``"field: stored X, requested Y"`` entry per difference (empty when they agree).
     """
-    from learners.config import json_ready
-
     stored = results.get("config", {}) if isinstance(results.get("config"), dict) else {}
     differences = []
     stored_run = stored.get("run", {})
@@ -203,16 +236,13 @@ def stored_config_differences(settings: RunSettings, results: Mapping[str, Any])
     for key in _COMPARED_RUN_FIELDS:
         if key in stored_run and stored_run[key] != requested_run[key]:
             differences.append(f"{key}: stored {stored_run[key]!r}, requested {requested_run[key]!r}")
-    train_requested = dict(settings.train_overrides)
-    if settings.epochs is not None:
-        train_requested["epochs"] = settings.epochs
-    if settings.batch_size is not None:
-        train_requested["batch_size"] = settings.batch_size
-    for section, requested in (("method", settings.method_overrides), ("train", train_requested)):
-        stored_section = stored.get(section, {})
-        for key, value in requested.items():
-            if key in stored_section and stored_section[key] != json_ready(value):
-                differences.append(f"{section}.{key}: stored {stored_section[key]!r}, requested {json_ready(value)!r}")
+    shots = settings.shots if protocol == "fewshot" else None
+    method_config, train_config = resolve_configs(
+        settings, settings.dataset if dataset is None else dataset, shots, PROTOCOL_CONFIG_KEYS.get(protocol or "")
+    )
+    differences += section_differences("method", stored.get("method"), config_to_dict(method_config))
+    differences += section_differences("train", stored.get("train"), config_to_dict(train_config),
+                                       ignore=RESULT_NEUTRAL_TRAIN_FIELDS)
     return differences
 
 

@@ -37,14 +37,17 @@ from benchmarks.partitions import (
 )
 from benchmarks.streams import make_experience
 from learners import ClassSet, ClipBackbone, PromptLearner, TrainConfig, get_method, parse_overrides
+from learners.config import config_to_dict
 from plugins.proximal import ProximalTermPlugin
 
 from .experiment import (
+    RESULT_NEUTRAL_TRAIN_FIELDS,
     RunSettings,
     evaluate,
     feature_cache,
     get_backbone,
     harmonic_mean,
+    section_differences,
     seed_everything,
     training_plugins,
 )
@@ -66,6 +69,11 @@ PROXIMAL_MU_KEY = "proximal-mu"
 """Set by Flower's FedProx in the train config; clients then add (mu / 2) * ||w - w_global||^2."""
 
 CLIENT_CLASSES = ("own", "all")
+
+UNCOMPARED_RUN_CONFIG_KEYS = frozenset({"data-root", "cache-dir", "output-dir", "client-state-dir", "device", "resume"})
+"""Run-config keys that may differ from those of the checkpoint a run resumes or the results it
+reuses: paths, the device and the resume switch. The same data on another path or device gives
+comparable results, and a resume also compares the partition digest, which catches changed data."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +315,22 @@ class FederatedSettings:
         """The datasets joined with "+", the name of the run folder level."""
         return "+".join(self.datasets)
 
+    def stored_differences(self, results: Mapping[str, Any]) -> list[str]:
+        """What this run would use that a finished run's ``results.json`` did not: every run-config
+        value but paths, device and the resume switch, and the resolved method and train configs."""
+        stored = results.get("config", {}) if isinstance(results.get("config"), dict) else {}
+        requested = {k: v for k, v in self.to_run_config().items() if k not in UNCOMPARED_RUN_CONFIG_KEYS}
+        stored_run = {k: v for k, v in (stored.get("federated") or {}).items() if k not in UNCOMPARED_RUN_CONFIG_KEYS}
+        differences = [
+            f"{key}: stored {stored_run.get(key, 'default')!r}, requested {requested.get(key, 'default')!r}"
+            for key in sorted(set(stored_run) | set(requested)) if stored_run.get(key) != requested.get(key)
+        ]
+        plan = resolve_plan(self)
+        differences += section_differences("method", stored.get("method"), config_to_dict(plan.method_config))
+        differences += section_differences("train", stored.get("train"), config_to_dict(plan.train_config),
+                                           ignore=RESULT_NEUTRAL_TRAIN_FIELDS)
+        return differences
+
     def run_settings(self) -> RunSettings:
         """The single-run settings of the shared helpers (backbone cache, method registry)."""
         return RunSettings(
@@ -501,7 +525,14 @@ def load_partition(plan: FederatedPlan) -> FederatedPartition:
         if "digits" in plan.settings.datasets:
             build_digits(data_root)  # the built-in dataset is written on first use
         splits = [read_dataset(name, data_root) for name in plan.settings.datasets]
-        _PARTITIONS[key] = build_partition(splits, plan.partition)
+        partition = build_partition(splits, plan.partition)
+        if partition.num_clients == 1:
+            fixes = {"fedtpg": "lower --classes-per-client", "multidomain": "list more --dataset names"}
+            logger.warning(
+                "the %s partition of %s has a single client, so the run is centralized training; %s",
+                plan.settings.partition, plan.settings.dataset, fixes.get(plan.partition.split_scheme, "raise --clients"),
+            )
+        _PARTITIONS[key] = partition
     return _PARTITIONS[key]
 
 

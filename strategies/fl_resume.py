@@ -31,19 +31,13 @@ from torch import Tensor
 
 from learners.io import save_torch
 
-from .federated import FederatedSettings
+from .federated import UNCOMPARED_RUN_CONFIG_KEYS, FederatedSettings
 
 RESUME_FILE = "resume.pt"
 CLIENT_STATE_DIR = "client_state"
 RUN_TOKEN_KEY = "run-token"
 """Message config key: random id of one run, the same in every resumed part of it."""
 CHECKPOINT_SCHEMA = 1
-
-UNCOMPARED_RUN_CONFIG_KEYS = frozenset({"data-root", "cache-dir", "output-dir", "client-state-dir", "device", "resume"})
-"""Run-config keys a resumed run may change: paths, the device and the resume switch itself.
-The same data on another path or device gives comparable results; the partition digest in the
-fingerprint catches data that changed."""
-
 
 def run_fingerprint(settings: FederatedSettings, partition_digest: str) -> dict[str, Any]:
     """Return the settings that a checkpoint must share with the run that resumes it."""

@@ -125,6 +125,11 @@ def test_complete_run_with_other_settings_is_not_skipped(tmp_path, caplog):
     assert run_benchmark.main([*args, "--epochs", "1", "--force"]) == 0
     assert json.loads(path.read_text())["config"]["train"]["epochs"] == 1
 
+    # Leaving an option out requests its default, which differs from the stored value too.
+    caplog.clear()
+    assert run_benchmark.main(args) == 2
+    assert "train.epochs: stored 1, requested 200" in caplog.text
+
 
 def test_invalid_device_is_rejected(tmp_path, caplog):
     args = ["base2novel", "--pretrained", "none", "--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path)]

@@ -28,7 +28,7 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def test_two_task_run_through_cli(data_root: Path, tmp_path: Path) -> None:
+def test_two_task_run_through_cli(data_root: Path, tmp_path: Path, caplog) -> None:
     argv = [
         "continual", "--method", "coop", "--stream", "datasets", "--datasets", "eurosat,dtd", "--plugins", "kg,ewc",
         "--set", "ewc.ewc_lambda=10", "--model", "toy-clip", "--pretrained", "none", "--epochs", "1",
@@ -69,6 +69,13 @@ def test_two_task_run_through_cli(data_root: Path, tmp_path: Path) -> None:
 
     written = (run / "results.json").stat().st_mtime_ns
     assert run_benchmark.main(argv) == 0
+    assert (run / "results.json").stat().st_mtime_ns == written
+
+    # Complete results of other settings are neither skipped nor overwritten without --force.
+    assert run_benchmark.main([*argv, "--set", "ewc.ewc_lambda=5", "--epochs", "2"]) == 2
+    assert "contains complete results of other settings" in caplog.text
+    assert "train.epochs: stored 1, requested 2" in caplog.text
+    assert "ewc.ewc_lambda: stored 10.0, requested 5.0" in caplog.text
     assert (run / "results.json").stat().st_mtime_ns == written
 
 

@@ -180,11 +180,11 @@ def test_killed_cli_run_resumes_identically(data_root, tmp_path) -> None:
     process.wait()
     assert process.returncode == -signal.SIGKILL
     assert (out / folder / "last.pt").is_file()
-    assert not list((out / folder).glob(".*.tmp"))
     partial = json.loads((out / folder / "results.json").read_text())
     assert partial["complete"] is False
 
     assert run_benchmark.main([*argv(out), "--resume"]) == 0
+    assert not list((out / folder).rglob(".*.tmp"))
     resumed = json.loads((out / folder / "results.json").read_text())
     assert resumed["complete"] and resumed["resumed_from"] is not None
     assert exact(resumed) == exact(reference)

@@ -117,6 +117,7 @@ def test_killed_run_resumes_identically(fake_root, tmp_path):
     for key in expected:
         assert torch.equal(final[key], expected[key]), key
     assert not (folder / RESUME_FILE).exists()
+    assert not list(folder.rglob(".*.tmp"))
 
 
 @pytest.mark.slow
@@ -187,6 +188,14 @@ def test_resume_with_other_settings_is_rejected(fake_root, tmp_path, monkeypatch
     assert results["complete"] is True
     assert results["rounds_resumed"] == 0
     assert not checkpoint.exists()
+
+    # Complete results of other settings (the learning rate is not in the folder name) are kept.
+    caplog.clear()
+    assert run_benchmark.main([*_args(fake_root, tmp_path, *extra), "--lr", "0.5"]) == 2
+    assert "contains complete results of other settings" in caplog.text
+    assert "lr: stored 'default', requested 0.5" in caplog.text
+    assert "train.lr: stored 0.001, requested 0.5" in caplog.text
+    assert _results(folder) == results
 
 
 def test_resume_without_checkpoint_starts_over(fake_root, tmp_path, caplog):
