@@ -377,6 +377,7 @@ def _add_federated_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_federated(args: argparse.Namespace) -> int:
+    from benchmarks.federated_report import write_federated_summary
     from strategies.federated import PROTOCOL, FederatedSettings, results_path
     from strategies.fl_apps import SimulationOptions, run_federated
 
@@ -408,7 +409,10 @@ def _run_federated(args: argparse.Namespace) -> int:
         for seed in args.seeds
     ]
     run = functools.partial(run_federated, simulation=simulation)
-    return run_sweep(PROTOCOL, settings, run, args.force, results_file=results_path)
+    status = run_sweep(PROTOCOL, settings, run, args.force, results_file=results_path)
+    paths = write_federated_summary(args.output_dir)
+    logger.info("summary: %s", ", ".join(str(p) for p in paths))
+    return status
 
 
 PROTOCOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {

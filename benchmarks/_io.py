@@ -10,6 +10,14 @@ from pathlib import Path
 from typing import Any
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename, like :func:`write_json_atomic`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write `payload` as JSON to `path` so that readers never see a partial file.
 

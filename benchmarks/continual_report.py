@@ -22,8 +22,8 @@ from typing import Any, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ._io import write_json_atomic
-from .summary import load_results, mean_std
+from ._io import write_json_atomic, write_text_atomic
+from .summary import finite_number, format_cell, load_results, mean_std
 
 PROTOCOL = "continual"
 METRICS = ("avg", "last", "transfer", "forgetting", "bwt")
@@ -125,12 +125,6 @@ def plot_accuracy_matrix(matrix: Sequence[Sequence[float | None]], row_labels: S
 # Summary
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(float(value)):
-        return float(value)
-    return None
-
-
 def _zero_shot_row(runs: list[dict[str, Any]]) -> dict[str, float]:
     """Mean over seeds of the row before training, by dataset name (task-aware streams only)."""
     by_dataset: dict[str, list[float]] = defaultdict(list)
@@ -138,7 +132,7 @@ def _zero_shot_row(runs: list[dict[str, Any]]) -> dict[str, float]:
         if not run.get("task_aware") or not run.get("accuracy_matrix"):
             continue
         for task, value in zip(run["tasks"], run["accuracy_matrix"][0]):
-            if _number(value) is not None:
+            if finite_number(value) is not None:
                 by_dataset[task["dataset"]].append(float(value))
     return {name: statistics.fmean(values) for name, values in by_dataset.items()}
 
@@ -161,10 +155,10 @@ def summarize_continual(results: list[dict[str, Any]]) -> dict[str, Any]:
             "seeds": sorted(r["seed"] for r in runs),
         }
         for metric in (*METRICS, "zero_shot_transfer"):
-            values = [v for v in (_number(r.get(metric)) for r in runs) if v is not None]
+            values = [v for v in (finite_number(r.get(metric)) for r in runs) if v is not None]
             row[metric], row[f"{metric}_std"] = mean_std(values) if values else (None, None)
         for cost in COST_FIELDS:
-            values = [v for v in (_number(r.get(cost)) for r in runs) if v is not None]
+            values = [v for v in (finite_number(r.get(cost)) for r in runs) if v is not None]
             row[cost] = statistics.fmean(values) if values else None
         row["zero_shot_row"] = _zero_shot_row(runs)
         rows.append(row)
@@ -176,14 +170,6 @@ def summarize_continual(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"protocol": PROTOCOL, "metrics": list(METRICS), "rows": rows, "published": published}
 
 
-def _format(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
 def to_markdown(summary: dict[str, Any]) -> str:
     header = ["stream", "method", "seeds", "Avg", "Last", "Transfer", "forgetting", "BWT",
               "zero-shot Transfer", "trainable params", "train s/epoch", "eval img/s", "peak memory (MiB)"]
@@ -192,10 +178,10 @@ def to_markdown(summary: dict[str, Any]) -> str:
         cells = [row["stream"], row["method"], ",".join(str(s) for s in row["seeds"])]
         for metric in (*METRICS, "zero_shot_transfer"):
             std = row.get(f"{metric}_std")
-            cells.append(_format(row[metric]) + (f" ± {_format(std)}" if std else ""))
+            cells.append(format_cell(row[metric]) + (f" ± {format_cell(std)}" if std else ""))
         memory = row.get("peak_memory_bytes")
-        cells += [_format(row.get("trainable_params"), 0), _format(row.get("train_seconds_per_epoch")),
-                  _format(row.get("eval_images_per_second"), 1), _format(memory / 2**20 if memory else None, 0)]
+        cells += [format_cell(row.get("trainable_params"), 0), format_cell(row.get("train_seconds_per_epoch")),
+                  format_cell(row.get("eval_images_per_second"), 1), format_cell(memory / 2**20 if memory else None, 0)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Avg, Last and Transfer follow ZSCL's MTIL definitions on the trained rows; for "
               "class-incremental streams Avg is the average incremental accuracy and Last the final "
@@ -226,7 +212,7 @@ def _zero_shot_table(stream: str, rows: list[dict[str, Any]]) -> list[str]:
              "| zero-shot CLIP ViT-B/16 (ZSCL notebook) | " + " | ".join(f"{MTIL_ZERO_SHOT_VITB16[n]:.1f}" for n in names) + " |"]
     for row in rows:
         values = row.get("zero_shot_row", {})
-        lines.append(f"| {row['method']} | " + " | ".join(_format(values.get(n), 1) for n in names) + " |")
+        lines.append(f"| {row['method']} | " + " | ".join(format_cell(values.get(n), 1) for n in names) + " |")
     return [*lines, ""]
 
 
@@ -247,8 +233,6 @@ def write_continual_summary(output_dir: str | os.PathLike) -> list[Path]:
     root.mkdir(parents=True, exist_ok=True)
     paths = [root / "summary.json", root / "summary.md", root / "summary.csv"]
     write_json_atomic(paths[0], summary)
-    for path, text in ((paths[1], to_markdown(summary)), (paths[2], to_csv(summary))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+    write_text_atomic(paths[1], to_markdown(summary))
+    write_text_atomic(paths[2], to_csv(summary))
     return paths

@@ -23,6 +23,7 @@ from .summary import load_results, summarize, write_summary_files
 logger = logging.getLogger(__name__)
 
 CONTINUAL = "continual"
+FEDERATED = "federated"
 
 _METRIC_LABELS = {"base_accuracy": "base", "novel_accuracy": "novel", "harmonic_mean": "HM", "accuracy": "accuracy"}
 
@@ -30,7 +31,8 @@ _METRIC_LABELS = {"base_accuracy": "base", "novel_accuracy": "novel", "harmonic_
 def write_report(runs_dir: str | os.PathLike[str], published_path: str | os.PathLike[str] | None = None) -> list[Path]:
     """Rebuild the summaries of every protocol folder under ``runs_dir`` and plot them.
 
-    Continual runs get their own summary files (`benchmarks.continual_report`) and no plots here.
+    Continual and federated runs get their own summary files (`benchmarks.continual_report`,
+    `benchmarks.federated_report`); federated runs also get ``federated/plots/rounds.png``.
 
     Plots go to ``RUNS_DIR/PROTOCOL/plots/``:
 
@@ -53,9 +55,10 @@ def write_report(runs_dir: str | os.PathLike[str], published_path: str | os.Path
         raise FileNotFoundError(f"runs folder {runs_dir} not found; pass the --output-dir of earlier runs")
     protocols = [name for name in PROTOCOL_METRICS if (runs_dir / name).is_dir()]
     continual = (runs_dir / CONTINUAL).is_dir()
-    if not protocols and not continual:
+    federated = (runs_dir / FEDERATED).is_dir()
+    if not protocols and not continual and not federated:
         raise FileNotFoundError(
-            f"no protocol folder ({', '.join([*PROTOCOL_METRICS, CONTINUAL])}) under {runs_dir}; "
+            f"no protocol folder ({', '.join([*PROTOCOL_METRICS, CONTINUAL, FEDERATED])}) under {runs_dir}; "
             "pass the --output-dir of earlier runs"
         )
     table = load_published(published_path)
@@ -72,6 +75,10 @@ def write_report(runs_dir: str | os.PathLike[str], published_path: str | os.Path
         from .continual_report import write_continual_summary
 
         written += write_continual_summary(runs_dir)
+    if federated:
+        from .federated_report import write_federated_summary
+
+        written += write_federated_summary(runs_dir)
     return written
 
 

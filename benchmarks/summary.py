@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._io import write_json_atomic
+from ._io import write_json_atomic, write_text_atomic
 from .datasets import DATASETS
 from .published import AVERAGE, PROTOCOL_METRICS, TRANSFER_PROTOCOLS, PublishedTable, load_published
 
@@ -95,6 +95,13 @@ def _records(result: dict[str, Any], protocol: str) -> list[dict[str, Any]]:
                         "metrics": {"accuracy": target["accuracy"]},
                         "cost": {"eval_images_per_second": target.get("eval_images_per_second")}})
     return records
+
+
+def finite_number(value: Any) -> float | None:
+    """Return ``value`` as a float, or None for a missing, boolean or NaN value."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(float(value)):
+        return float(value)
+    return None
 
 
 def _number_mean(values: Iterable[Any]) -> float | None:
@@ -253,13 +260,14 @@ def summarize(results: list[dict[str, Any]], protocol: str, published: Published
 # Output formats
 
 
-def _format(value: Any, digits: int = 2) -> str:
+def format_cell(value: Any, digits: int = 2) -> str:
+    """Format a table cell: ``-`` for None, ``digits`` decimals for floats, lists joined by commas."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.{digits}f}"
     if isinstance(value, list):
-        return ", ".join(_format(v, digits) for v in value)
+        return ", ".join(format_cell(v, digits) for v in value)
     return str(value)
 
 
@@ -270,7 +278,7 @@ def _signed(value: Any) -> str:
 def _published_cells(row: dict[str, Any], metrics: Sequence[str]) -> list[str]:
     if "published_source" not in row:
         return ["-", "-", "-"]
-    values = " / ".join(_format(row.get(f"published_{m}")) for m in metrics)
+    values = " / ".join(format_cell(row.get(f"published_{m}")) for m in metrics)
     diffs = " / ".join(_signed(row.get(f"diff_{m}")) for m in metrics)
     source = f"{row['published_source']}, {'checked' if row['published_checked'] else 'unchecked'}"
     return [values, diffs, source]
@@ -300,10 +308,10 @@ def to_markdown(summary: dict[str, Any]) -> str:
     header = ["method", *fields, "dataset", "seeds", *metrics, *published_header]
     body = []
     for row in summary["rows"]:
-        cells = [row["method"], *(_format(row.get(f)) for f in fields)]
+        cells = [row["method"], *(format_cell(row.get(f)) for f in fields)]
         dataset = row["dataset"] + (" (source)" if row.get("role") == "source" else "")
         cells += [dataset, ",".join(str(s) for s in row["seeds"])]
-        cells += [f"{_format(row.get(m))} ± {_format(row.get(f'{m}_std'))}" for m in metrics]
+        cells += [f"{format_cell(row.get(m))} ± {format_cell(row.get(f'{m}_std'))}" for m in metrics]
         body.append(cells + _published_cells(row, metrics))
     lines += _table(header, body) + [""]
 
@@ -311,8 +319,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
     header = ["method", *fields, "datasets", *metrics, *published_header]
     body = []
     for row in summary["averages"]:
-        cells = [row["method"], *(_format(row.get(f)) for f in fields), str(row["num_datasets"])]
-        cells += [_format(row.get(m)) for m in metrics]
+        cells = [row["method"], *(format_cell(row.get(f)) for f in fields), str(row["num_datasets"])]
+        cells += [format_cell(row.get(m)) for m in metrics]
         body.append(cells + _published_cells(row, metrics))
     lines += _table(header, body) + [""]
     if protocol == "base2novel":
@@ -331,15 +339,16 @@ def to_markdown(summary: dict[str, Any]) -> str:
     for cost in summary["cost"]:
         memory = cost.get("peak_memory_bytes")
         body.append([
-            cost["method"], str(cost["runs"]), _format(cost.get("trainable_params"), 0),
-            _format(cost.get("train_seconds_per_epoch")), _format(cost.get("eval_images_per_second"), 1),
-            _format(memory / 2**20 if memory else None, 0), ", ".join(cost.get("peak_memory_kind", [])),
+            cost["method"], str(cost["runs"]), format_cell(cost.get("trainable_params"), 0),
+            format_cell(cost.get("train_seconds_per_epoch")), format_cell(cost.get("eval_images_per_second"), 1),
+            format_cell(memory / 2**20 if memory else None, 0), ", ".join(cost.get("peak_memory_kind", [])),
         ])
     lines += _table(header, body)
     return "\n".join(lines) + "\n"
 
 
-def _csv(rows: Sequence[dict[str, Any]]) -> str:
+def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """Format rows as CSV with the union of their keys as columns; list values are joined with ';'."""
     fields: list[str] = []
     for row in rows:
         for key in row:
@@ -355,7 +364,7 @@ def _csv(rows: Sequence[dict[str, Any]]) -> str:
 
 def to_csv(summary: dict[str, Any]) -> str:
     """Per-dataset rows then average rows as CSV; list values are joined with ';'."""
-    return _csv(summary["rows"] + summary["averages"])
+    return rows_to_csv(summary["rows"] + summary["averages"])
 
 
 def write_summary(output_dir: str | os.PathLike, protocol: str, published: PublishedTable | None = None) -> list[Path]:
@@ -379,13 +388,7 @@ def write_summary_files(summary: dict[str, Any], root: Path) -> list[Path]:
     root.mkdir(parents=True, exist_ok=True)
     paths = [root / "summary.json", root / "summary.md", root / "summary.csv", root / "summary_cost.csv"]
     write_json_atomic(paths[0], summary)
-    _write_text(paths[1], to_markdown(summary))
-    _write_text(paths[2], to_csv(summary))
-    _write_text(paths[3], _csv(summary["cost"]))
+    write_text_atomic(paths[1], to_markdown(summary))
+    write_text_atomic(paths[2], to_csv(summary))
+    write_text_atomic(paths[3], rows_to_csv(summary["cost"]))
     return paths
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

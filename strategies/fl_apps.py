@@ -298,6 +298,7 @@ def run_server(grid: Grid, settings: FederatedSettings, backend: str) -> dict[st
         "fraction": plan.fraction,
         "fraction_evaluate": settings.fraction_evaluate,
         "backend": backend,
+        "run_tag": out.parent.name,
         "rounds_resumed": rounds_resumed,
         "trainable_params": learner.num_trainable_parameters(),
         "global_state_params": sum(v.numel() for v in shared.values()),
@@ -310,7 +311,7 @@ def run_server(grid: Grid, settings: FederatedSettings, backend: str) -> dict[st
     checkpoint = RoundCheckpoint(out / RESUME_FILE, run_fingerprint(settings, digest), run_token)
     recorder = RunRecorder(out, plan, partition, strategy, header, checkpoint=checkpoint)
     run_config = ConfigRecord({**settings.to_run_config(), PARTITION_DIGEST_KEY: digest, RUN_TOKEN_KEY: run_token})
-    logger.info("federated run: %d clients, %d rounds of %d local epochs, strategy %s, defaults from %s -> %s",
+    logger.info("federated run: %d clients, %d rounds of %d local epochs, strategy %s, unset options from %s -> %s",
                 partition.num_clients, plan.rounds, plan.local_epochs, settings.strategy, plan.defaults.source, out)
     start_arrays = initial
     if saved is not None:

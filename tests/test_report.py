@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from run_benchmark import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -69,3 +71,36 @@ def test_report_rebuilds_continual_summary(tmp_path):
     assert main(["report", str(tmp_path), "--log-level", "WARNING"]) == 0
     assert (tmp_path / "continual" / "summary.json").is_file()
     assert (tmp_path / "continual" / "summary.md").is_file()
+
+
+def test_report_summarizes_federated_runs(tmp_path):
+    tag = "dirichlet-a0.3-c2-fedavg-s16-r2e1"
+    for seed, final in ((1, 60.0), (2, 64.0)):
+        rounds = [{"round": 1, "global_accuracy": 50.0, "local_accuracy_mean": 55.0},
+                  {"round": 2, "global_accuracy": final, "local_accuracy_mean": final + 10}]
+        write_results(tmp_path / "federated" / "caltech101" / "coop" / tag / f"seed{seed}", protocol="federated",
+                      method="coop", dataset="caltech101", seed=seed, run_tag=tag, partition="dirichlet",
+                      strategy="fedavg", num_clients=2, global_accuracy=final, local_accuracy_mean=final + 10,
+                      rounds_completed=2, bytes_sent_total=2**21, bytes_received_total=2**20, seconds=3.0,
+                      clients_failed_total=seed - 1, rounds=rounds)
+    # A run that did not finish is left out.
+    write_results(tmp_path / "federated" / "caltech101" / "coop" / tag / "seed3", complete=False, protocol="federated",
+                  method="coop", dataset="caltech101", seed=3, run_tag=tag, global_accuracy=0.0)
+
+    assert main(["report", str(tmp_path), "--log-level", "WARNING"]) == 0
+
+    summary = json.loads((tmp_path / "federated" / "summary.json").read_text())
+    (row,) = summary["rows"]
+    assert (row["dataset"], row["method"], row["run"], row["seeds"]) == ("caltech101", "coop", tag, [1, 2])
+    assert row["global_accuracy"] == 62.0
+    assert row["global_accuracy_std"] == pytest.approx(2.8284, abs=1e-4)
+    assert row["local_accuracy_mean"] == 72.0
+    assert row["base_accuracy"] is None
+    assert row["clients_failed_total"] == 0.5
+    assert row["rounds"] == [{"round": 1, "global_accuracy": 50.0, "local_accuracy_mean": 55.0},
+                             {"round": 2, "global_accuracy": 62.0, "local_accuracy_mean": 72.0}]
+    markdown = (tmp_path / "federated" / "summary.md").read_text()
+    assert f"| caltech101 | coop | {tag} | 1,2 | 62.00 ± 2.83 |" in markdown
+    assert "| 2 | 2.00 | 1.00 | 3.0 | 0.5 |" in markdown
+    assert (tmp_path / "federated" / "summary.csv").read_text().splitlines()[1].startswith(f"caltech101,coop,{tag},")
+    assert (tmp_path / "federated" / "plots" / "rounds.png").read_bytes().startswith(PNG_SIGNATURE)
