@@ -188,7 +188,7 @@ def parse_overrides(
             import difflib
 
             close = difflib.get_close_matches(key, [v.split(".", 1)[1] for v in valid], n=3)
-            hint = f" Did you mean {close}?" if close else ""
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown config key {key!r} in --set {pair!r}.{hint} Valid keys: {', '.join(valid)}")
         if len(owners) > 1:
             raise ValueError(f"config key {key!r} exists in {owners}; prefix it, e.g. {owners[0]}.{key}={value}")

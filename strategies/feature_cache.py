@@ -4,7 +4,7 @@ Learners whose image tower carries no prompt (``PromptLearner.uses_frozen_image_
 zero-shot, CoOp, KgCoOp, TCP, CoCoOp, PLOT) see an image only through
 ``learner.frozen_image_features(images)``. For them the base-to-novel, few-shot and transfer runs
 encode each test image once per backbone instead of once per evaluation, and cache training
-features too:
+features too (continual and federated runs cache their evaluation lists only):
 
 - evaluation: one file per (backbone, image list, transform, feature kind);
 - training: ``K`` augmented views per image (``TrainConfig.train_feature_views``, one per epoch
@@ -167,6 +167,8 @@ class TrainingViewFeatures(Dataset):
         self.view: int | None = None
         self.features = torch.empty(0)
         self.targets: list[int] = []
+        logger.info("training on cached frozen features: %d augmented views of %d images under %s",
+                    views, len(dataset), cache.root)
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -364,7 +366,10 @@ class FeatureCache:
             {"format": CACHE_FORMAT, "keys": merged.keys, "skipped": merged.skipped,
              "labels": merged.labels, "features": merged.features},
         )
-        logger.info(
+        # Training views are encoded once per epoch until every view is cached; their summary
+        # line comes from TrainingViewFeatures.
+        logger.log(
+            logging.INFO if view is None else logging.DEBUG,
             "feature cache: encoded %d of %d images (%s features %s) -> %s",
             len(stale), len(keys), learner.frozen_feature_kind, tuple(merged.features.shape[1:]), path,
         )

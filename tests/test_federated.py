@@ -149,6 +149,14 @@ def test_fedtpg_protocol_defaults():
     assert plan.client_classes == "own"
 
 
+def test_single_client_partition_is_reported(fake_root, tmp_path, caplog):
+    # 4 classes in chunks of FedTPG's 20 classes per client make one client.
+    partition = load_partition(resolve_plan(settings_for(fake_root, tmp_path, partition="fedtpg", clients=None)))
+    assert partition.num_clients == 1
+    assert "the fedtpg partition of caltech101 has a single client" in caplog.text
+    assert "lower --classes-per-client" in caplog.text
+
+
 def test_fedotp_defaults_and_user_values():
     plan = resolve_plan(FederatedSettings(datasets=("dtd",), partition="fedotp", shots=4))
     assert plan.train_config.batch_size == 4  # FedOTP: batch = shots
