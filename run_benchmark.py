@@ -182,8 +182,8 @@ def run_sweep(
 ) -> int:
     """Run every setting; skip complete ones unless ``force``; report failures and go on.
 
-    A complete run made with other settings is not skipped silently: the sweep names the
-    differences and asks for ``--force`` or another output folder.
+    A complete run made with other settings is not skipped silently: the sweep reports the
+    differences and suggests ``--force`` or another output folder.
 
     Args:
         is_complete: ``is_complete(setting, results_path)`` decides what counts as complete

@@ -155,7 +155,7 @@ class PromptReplayPlugin(ReplayPlugin):
     def resume_state(self) -> dict[str, Any]:
         """Return the experience and RNG state of every buffer update, from which the buffer is rebuilt.
 
-        The buffer holds subsets of the experiences' datasets; replaying its reservoir updates
+        The buffer contains subsets of the experiences' datasets. Repeating its reservoir updates
         with the same random numbers rebuilds it exactly, without saving any image.
         """
         return {"updates": [(task, rng.clone()) for task, rng in self.updates]}

@@ -21,6 +21,7 @@ through Avalanche's ``EvaluationPlugin`` to a text log, CSV files and TensorBoar
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -105,7 +106,7 @@ class ContinualSettings:
         return Path(self.run.output_dir)
 
     def stored_differences(self, results: Mapping[str, Any]) -> list[str]:
-        """What this run would use that a finished run's ``results.json`` did not: the run fields,
+        """List what this run would use that a finished run's ``results.json`` did not: the run fields,
         the resolved method and train configs, the plugins' configs and the stream's settings."""
         stored = results.get("config", {}) if isinstance(results.get("config"), dict) else {}
         differences = stored_config_differences(self.run, results, dataset="")
@@ -169,7 +170,7 @@ def _resumable(plugins: list) -> dict[str, Any]:
 def run_continual(settings: ContinualSettings) -> dict[str, Any]:
     """Train ``settings.run.method`` on the stream with the plugins, writing ``results.json``.
 
-    After every epoch and after every task's evaluation ``last.pt`` in the run folder holds
+    After every epoch and after every task's evaluation ``last.pt`` in the run folder contains
     everything a resume needs: the learnable state, optimizer, RNG states, the accuracy matrix
     so far and the plugins' state (LwF's previous prompts, EWC's importances, the replay buffer's
     updates, the per-task prompts; GPA keeps its running sum in ``gpa_state.pt``). With
@@ -236,8 +237,6 @@ class _ContinualRun:
         self.timing: dict[str, float] = {"train_seconds": 0.0, "eval_seconds": 0.0, "eval_images": 0, "epochs": 0}
         self.resumed_from: dict[str, int] | None = None
         self.cache = feature_cache(run, train_config, learner.backbone)
-        self._feature_tests: Any = None  # test stream of cached features, see feature_test_stream
-        self._feature_tests_checked = False
         self.identity = {
             "method_label": settings.method,
             "stream": config_to_dict(settings.stream),
@@ -259,7 +258,7 @@ class _ContinualRun:
     # -- checkpoint state -----------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """The runner's part of ``last.pt``: what identifies the run and how far it got."""
+        """Return the runner's part of ``last.pt``: what identifies the run and how far it got."""
         return {
             "continual": {
                 "identity": self.identity,
@@ -306,34 +305,33 @@ class _ContinualRun:
 
     # -- the run --------------------------------------------------------------------------------
 
+    @functools.cached_property
     def feature_test_stream(self) -> Any:
-        """Return the test stream with every image replaced by its cached frozen feature, or None.
+        """The test stream with every image replaced by its cached frozen feature, or None.
 
         A learner without prompts in its image tower gets the same image features at every
         evaluation point, so each test set is encoded once, not once per row of the matrix, and
         later runs read it from the cache folder. None when the cache is off, does not apply to
         the learner or would exceed its size limit. Evaluation then reads the images.
         """
-        if not self._feature_tests_checked:
-            self._feature_tests_checked = True
-            cache, learner, test_sets = self.cache, self.learner, self.benchmark.test_sets
-            usable = (cache is not None and cache.applies_to(learner) and all(len(d) > 0 for d in test_sets)
-                      and all(cache.fits(learner, d) for d in test_sets))
-            if usable:
-                from avalanche.benchmarks import benchmark_from_datasets, task_incremental_benchmark
-                from avalanche.benchmarks.utils import as_classification_dataset
+        cache, learner, test_sets = self.cache, self.learner, self.benchmark.test_sets
+        usable = (cache is not None and cache.applies_to(learner) and all(len(d) > 0 for d in test_sets)
+                  and all(cache.fits(learner, d) for d in test_sets))
+        if not usable:
+            return None
+        from avalanche.benchmarks import benchmark_from_datasets, task_incremental_benchmark
+        from avalanche.benchmarks.utils import as_classification_dataset
 
-                datasets = [as_classification_dataset(FeatureDataset(*cache.features(learner, d))) for d in test_sets]
-                # Avalanche requires a train stream; only the test stream is read.
-                scenario = benchmark_from_datasets(train=datasets, test=datasets)
-                self._feature_tests = task_incremental_benchmark(scenario).test_stream
-        return self._feature_tests
+        datasets = [as_classification_dataset(FeatureDataset(*cache.features(learner, d))) for d in test_sets]
+        # Avalanche requires a train stream; only the test stream is read.
+        scenario = benchmark_from_datasets(train=datasets, test=datasets)
+        return task_incremental_benchmark(scenario).test_stream
 
     def evaluate(self, point: int) -> None:
         self.class_plugin.point = self.metric.point = point
         columns = self.stream.eval_columns(point)
         start = time.perf_counter()
-        features = self.feature_test_stream()
+        features = self.feature_test_stream
         strategy = self.strategy
         if features is not None:
             strategy.inputs_are_features = True
@@ -349,7 +347,7 @@ class _ContinualRun:
     def run(self) -> dict[str, Any]:
         settings, run, stream, learner, strategy = self.settings, self.settings.run, self.stream, self.learner, self.strategy
         out, train_config = self.out, self.train_config
-        separate = any(isinstance(p, SeparatePromptsPlugin) for p in self.extra_plugins)
+        separate = next((p for p in self.extra_plugins if isinstance(p, SeparatePromptsPlugin)), None)
         trainable = train_config.epochs > 0 and learner.num_trainable_parameters() > 0
         if not trainable:
             logger.info("%s has nothing to train (epochs %d); every row evaluates the initial prompts",
@@ -373,7 +371,7 @@ class _ContinualRun:
             self.timing["epochs"] += len(records)
             self.task_history.append(records)
             learner.set_classnames(to_class_set(task.train_classes))
-            if not separate:
+            if separate is None:
                 save_checkpoint(out / "checkpoints" / f"after_task{index + 1}.pt", learner, task=index, stream=stream.label)
             self.evaluate(index + 1)
             self.tasks_done = index + 1
@@ -381,9 +379,8 @@ class _ContinualRun:
             strategy.save_training_state(out / RESUME_FILE, finished_epochs=0)
 
         learner.set_classnames(to_class_set(stream.tasks[-1].train_classes))
-        separate_plugins = [p for p in self.extra_plugins if isinstance(p, SeparatePromptsPlugin)]
-        if separate_plugins:
-            save_torch(out / "prompts_per_task.pt", {"schema": 1, "stream": stream.label, "states": separate_plugins[0].state_dict()})
+        if separate is not None:
+            save_torch(out / "prompts_per_task.pt", {"schema": 1, "stream": stream.label, "states": separate.state_dict()})
         else:
             save_checkpoint(out / "model.pt", learner, stream=stream.label, seed=run.seed)
         results = self.results(complete=True)
@@ -405,7 +402,7 @@ class _ContinualRun:
         results = _results(self.settings, self.stream, self.benchmark, self.learner, self.metric, self.method_config,
                            self.train_config, self.plugin_configs, self.task_history, self.timing, complete)
         results["resumed_from"] = self.resumed_from
-        results["eval_from_feature_cache"] = self._feature_tests is not None
+        results["eval_from_feature_cache"] = self.feature_test_stream is not None
         return results
 
 

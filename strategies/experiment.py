@@ -211,7 +211,7 @@ def section_differences(section: str, stored: Any, requested: Mapping[str, Any],
 
 def stored_config_differences(settings: RunSettings, results: Mapping[str, Any], protocol: str | None = None,
                               dataset: str | None = None) -> list[str]:
-    """What a run with ``settings`` would use that a finished run's ``results.json`` did not.
+    """List what a run with ``settings`` would use that a finished run's ``results.json`` did not.
 
     Compares the run fields that change results (precision, shots, seed, model, weights) and the
     resolved method and train configs: published defaults, protocol and dataset settings, and

@@ -316,7 +316,7 @@ class FederatedSettings:
         return "+".join(self.datasets)
 
     def stored_differences(self, results: Mapping[str, Any]) -> list[str]:
-        """What this run would use that a finished run's ``results.json`` did not: every run-config
+        """List what this run would use that a finished run's ``results.json`` did not: every run-config
         value but paths, device and the resume switch, and the resolved method and train configs."""
         stored = results.get("config", {}) if isinstance(results.get("config"), dict) else {}
         requested = {k: v for k, v in self.to_run_config().items() if k not in UNCOMPARED_RUN_CONFIG_KEYS}

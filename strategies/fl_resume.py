@@ -179,6 +179,6 @@ class ClientStateFile:
     def save(self, server_round: int, state: dict[str, Tensor]) -> None:
         """Store the state after ``server_round`` and keep the latest earlier round's beside it."""
         earlier = {r: s for r, s in self._rounds().items() if r < server_round}
-        kept = {max(earlier): earlier[max(earlier)]} if earlier else {}
-        kept[server_round] = state
-        save_torch(self.path, {"run_token": self.run_token, "rounds": kept})
+        retained = {max(earlier): earlier[max(earlier)]} if earlier else {}
+        retained[server_round] = state
+        save_torch(self.path, {"run_token": self.run_token, "rounds": retained})

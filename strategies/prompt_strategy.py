@@ -392,7 +392,7 @@ class PromptStrategy(SupervisedTemplate):
         """Read a :meth:`save_training_state` file.
 
         Raises:
-            ValueError: the file is unreadable or holds no training state.
+            ValueError: the file is unreadable or contains no training state.
         """
         try:
             payload = torch.load(path, map_location="cpu", weights_only=False)
@@ -401,15 +401,19 @@ class PromptStrategy(SupervisedTemplate):
                 f"cannot resume from {path}: the file is unreadable ({error}). Delete it and rerun without --resume"
             ) from error
         if not isinstance(payload, dict) or "optimizer" not in payload or "rng" not in payload:
-            raise ValueError(f"cannot resume from {path}: it holds no training state. Delete it and rerun without --resume")
+            raise ValueError(
+                f"cannot resume from {path}: it is not a training checkpoint (no optimizer or RNG state). "
+                "Delete it and rerun without --resume"
+            )
         return payload
 
     def restore_training_state(self, source: str | os.PathLike | dict[str, Any]) -> int:
         """Restore a :meth:`save_training_state` file or its payload; returns the finished epochs.
 
-        The RNG states take effect where they were saved: right away for a checkpoint written
-        between experiences (0 finished epochs), else at the start of the next epoch, after the
-        experience's setup hooks, so the resumed epochs draw the same random numbers.
+        The RNG states take effect at the point where they were saved, so the resumed epochs draw
+        the same random numbers. A checkpoint written between experiences (0 finished epochs)
+        sets them right away. Any other sets them at the start of the next epoch, after the
+        experience's setup hooks.
 
         Raises:
             ValueError: the checkpoint was written with other training settings, another method,

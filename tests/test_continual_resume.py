@@ -136,7 +136,8 @@ def test_resume_with_other_settings_is_refused(data_root, tmp_path, monkeypatch)
     message = str(plugin_change.value)
     assert f"cannot resume from {last}" in message
     assert "other continual settings: plugins" in message
-    assert "'ewc_lambda': 100.0" in message and "'ewc_lambda': 5.0" in message
+    assert "'ewc_lambda': 100.0" in message
+    assert "'ewc_lambda': 5.0" in message
     assert "rerun without --resume" in message
 
     other_epochs = make_settings(data_root, tmp_path, ("ewc",), resume=True)

@@ -199,7 +199,7 @@ def test_text_memo_off_with_gradients(backbone, classes):
     learner = spec.learner_class(backbone, spec.config_class())
     learner.set_classnames(classes)
 
-    # With gradients enabled the memo is off, so every training step sees the current parameters.
+    # With gradients enabled the memo is off, so every training step uses the current parameters.
     with learner.reuse_text_features():
         first = learner.text_features()
         with torch.no_grad():
